@@ -1,0 +1,30 @@
+"""Errors a caller can act on: a stable code, a message, the field, an HTTP status."""
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status = 400
+
+    def __init__(self, code: str, message: str, field: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        if status is not None:
+            self.status = status
+
+    def to_dict(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+
+
+# Stable codes used across the pipeline (the HTTP layer adds auth/rate codes).
+MISSING_FIELD = "missing_field"
+INVALID_REQUEST = "invalid_request"
+UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+IMAGE_UNDECODABLE = "image_undecodable"
+IMAGE_TOO_LARGE = "image_too_large"
+NO_FACE = "no_face"
+FACE_TOO_SMALL = "face_too_small"
+UNAUTHORIZED = "unauthorized"
+FORBIDDEN = "forbidden"
+RATE_LIMITED = "rate_limited"

@@ -1,0 +1,51 @@
+"""All configuration in one typed object, read from IDV_* environment variables."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IDV_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # SQLite under ./var/ is the embedded default; PostgreSQL in production.
+    database_url: str = f"sqlite:///{ROOT / 'var' / 'idverify.db'}"
+    bootstrap_admin_key: str | None = None
+
+    models_dir: Path = ROOT / "models" / "repository"
+    towers: str = "towers"          # model name in the repository
+    tower_version: str = "current"  # version folder, or "current" = the one named in models/repository/towers/CURRENT
+    onnx_threads: int = 0           # 0 = onnxruntime's default
+    providers: str = "auto"         # auto | cpu | cuda
+
+    # decision: either a fixed score threshold, or a target FAR looked up in the calibration table
+    threshold: float | None = None
+    far_target: float = 1e-3
+
+    # input limits, checked before full decoding
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_request_bytes: int = 25 * 1024 * 1024
+    min_face_px: int = 32
+    detect_max_side: int = 800      # big frames are detected on a copy downscaled to this
+    detect_min_side: int = 240      # small images (chip photos) are upsampled to this before detection
+
+    rate_limit_per_minute: int = 0  # per key, 0 = off
+
+    retain_images: bool = False
+    retention_days: int = 30
+    image_key: str | None = None    # Fernet key for retained images
+
+    data_dir: Path = ROOT.parent / "shared" / "data"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
