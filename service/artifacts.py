@@ -1,0 +1,89 @@
+"""Model repository: versioned folders with a manifest beside the files it names.
+
+    models/repository/<name>/<version>/manifest.json
+    models/repository/towers/CURRENT        -> the tower version the service serves
+
+The service refuses to start when a file's SHA-256 differs from its manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.embed import Tower
+
+
+class ArtifactError(RuntimeError):
+    """A model artifact is missing or does not match its manifest."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_version(models_dir: Path, name: str, version: str) -> Path:
+    if version == "current":
+        pointer = models_dir / name / "CURRENT"
+        if not pointer.exists():
+            raise ArtifactError(f"{pointer} is missing: no current version of {name!r}")
+        version = pointer.read_text().strip()
+    folder = models_dir / name / version
+    if not (folder / "manifest.json").exists():
+        raise ArtifactError(f"no manifest at {folder / 'manifest.json'}")
+    return folder
+
+
+def load_manifest(folder: Path) -> dict:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return manifest
+
+
+def verify_file(folder: Path, entry: dict) -> Path:
+    path = folder / entry["file"]
+    if not path.exists():
+        raise ArtifactError(f"{path} named in the manifest is missing")
+    actual = sha256_file(path)
+    if actual != entry["sha256"]:
+        raise ArtifactError(f"{path}: SHA-256 {actual} does not match manifest {entry['sha256']}")
+    return path
+
+
+@dataclass
+class Towers:
+    id: Tower
+    live: Tower
+    manifest: dict
+    folder: Path
+
+    @property
+    def version(self) -> str:
+        return f"{self.manifest['name']}:{self.manifest['version']}"
+
+    @property
+    def calibration(self) -> list[dict]:
+        cal = self.manifest.get("calibration")
+        if isinstance(cal, str):  # a file beside the manifest
+            return json.loads((self.folder / cal).read_text())["table"]
+        return cal or []
+
+
+def load_towers(models_dir: Path, name: str, version: str, providers: list[str], threads: int = 0) -> Towers:
+    folder = resolve_version(models_dir, name, version)
+    manifest = load_manifest(folder)
+    towers = manifest.get("towers") or {}
+    if set(towers) != {"id", "live"}:
+        raise ArtifactError(f"{folder}: manifest must name towers 'id' and 'live', got {sorted(towers)}")
+    paths = {side: verify_file(folder, entry) for side, entry in towers.items()}
+    if isinstance(manifest.get("calibration"), str):
+        verify_file(folder, {"file": manifest["calibration"], "sha256": manifest["calibration_sha256"]})
+    sessions: dict[Path, Tower] = {}
+    for p in paths.values():  # identical towers share one session
+        if p not in sessions:
+            sessions[p] = Tower(p, providers, threads)
+    return Towers(id=sessions[paths["id"]], live=sessions[paths["live"]], manifest=manifest, folder=folder)

@@ -1,0 +1,121 @@
+"""The face pipeline behind /verify, eval and bench: decode -> detect -> align -> embed, then
+score and decide. Loaded once per process; holds no per-request state."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field as dc_field
+
+import numpy as np
+
+from service import quality
+from service.align import align
+from service.artifacts import Towers, load_towers, resolve_version
+from service.decide import Threshold
+from service.decode import decode_image
+from service.detect import Face, FaceDetector, select_face
+from service.embed import Tower
+from service.errors import FACE_TOO_SMALL, NO_FACE, ApiError
+from service.runtime import choose_providers
+from service.score import similarity
+from service.settings import Settings
+
+log = logging.getLogger("idverify.pipeline")
+
+SIDES = {"id_photo": "id", "live_photo": "live"}
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - t0) * 1000.0
+
+
+@dataclass
+class Side:
+    sha256: str
+    faces_seen: int = 0
+    face: Face | None = None
+    face_px: float = 0.0
+    quality: dict = dc_field(default_factory=dict)
+    embedding: np.ndarray | None = None
+
+    def to_public(self) -> dict:
+        f = self.face
+        return {
+            "box": [round(float(v), 1) for v in f.box] if f else None,
+            "landmarks": np.round(f.landmarks, 1).tolist() if f else None,
+            "detection_score": round(float(f.score), 4) if f else None,
+            "face_px": round(self.face_px, 1),
+            "faces_seen": self.faces_seen,
+            "quality": self.quality,
+        }
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, detector: FaceDetector, towers: Towers, threshold: Threshold):
+        self.settings = settings
+        self.detector = detector
+        self.towers = towers
+        self.threshold = threshold
+        tpl = towers.manifest["template"]
+        self.template = np.asarray(tpl["points"], dtype=np.float32)
+        self.chip_size = int(tpl["size"])
+        self.model_version = towers.version
+        self.warm = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Pipeline":
+        providers = choose_providers(settings.providers)
+        detector_dir = resolve_version(settings.models_dir, "mtcnn", "1")
+        detector = FaceDetector.from_dir(detector_dir, providers=providers, threads=settings.onnx_threads)
+        detector.max_side = settings.detect_max_side
+        detector.min_side = settings.detect_min_side
+        towers = load_towers(settings.models_dir, settings.towers, settings.tower_version, providers, settings.onnx_threads)
+        threshold = Threshold.from_calibration(towers.calibration, score=settings.threshold, far_target=settings.far_target)
+        log.info("loaded %s on %s; threshold %.4f (FAR %s)", towers.version, providers[0], threshold.score, threshold.far)
+        return cls(settings, detector, towers, threshold)
+
+    def tower(self, field: str) -> Tower:
+        return self.towers.id if SIDES[field] == "id" else self.towers.live
+
+    def warmup(self) -> None:
+        """One pass over a synthetic frame so the first request does not pay for lazy init."""
+        frame = np.full((480, 640, 3), 128, np.uint8)
+        self.detector.detect(frame)
+        chip = np.zeros((1, self.chip_size, self.chip_size, 3), np.uint8)
+        self.towers.id.embed(chip)
+        self.towers.live.embed(chip)
+        self.warm = True
+
+    def analyse(self, data: bytes, field: str, timings: dict[str, float]) -> Side:
+        """One image, one side: decode, detect, align, embed. Raises ApiError on input the
+        caller can fix; the Side carries what was seen so far for the audit trail."""
+        side = Side(sha256=hashlib.sha256(data).hexdigest())
+        with timed(timings, "decode"):
+            image = decode_image(data, field, self.settings)
+        with timed(timings, "detect"):
+            faces = self.detector.detect(image)
+        side.faces_seen = len(faces)
+        if not faces:
+            raise ApiError(NO_FACE, "no face was found in the image", field, status=422).with_side(side)
+        face = select_face(faces, image.shape)
+        side.face = face
+        side.face_px = float(face.box[2] - face.box[0])
+        if side.face_px < self.settings.min_face_px:
+            raise ApiError(FACE_TOO_SMALL, f"the face is {side.face_px:.0f} px wide; at least "
+                           f"{self.settings.min_face_px} px are needed", field, status=422).with_side(side)
+        with timed(timings, "align"):
+            chip = align(image, face.landmarks, self.template, self.chip_size)
+        side.quality = quality.assess(chip, face.landmarks, side.face_px, side.faces_seen)
+        with timed(timings, "embed"):
+            side.embedding = self.tower(field).embed(chip)[0]
+        return side
+
+    def compare(self, id_side: Side, live_side: Side) -> float:
+        return similarity(id_side.embedding, live_side.embedding)

@@ -1,0 +1,32 @@
+"""ONNX Runtime sessions: one place that picks the execution provider and thread settings."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnxruntime as ort
+
+log = logging.getLogger("idverify.runtime")
+
+
+def choose_providers(preference: str = "auto") -> list[str]:
+    """CUDA when present (and not disabled), else CPU, saying so in the log."""
+    available = ort.get_available_providers()
+    if preference == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if preference == "cuda":
+        log.warning("CUDA provider requested but not available (have %s); falling back to CPU", available)
+    else:
+        log.info("CUDA provider not available (have %s); using CPU", available)
+    return ["CPUExecutionProvider"]
+
+
+def make_session(path: Path, providers: list[str] | None = None, threads: int = 0) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
