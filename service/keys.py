@@ -1,0 +1,169 @@
+"""API keys: creation, hashing, lookup, roles; `idverify keys create|list|revoke`.
+
+A key is 32 random bytes (urlsafe base64) behind a short `idv_` tag. Only its SHA-256 is
+stored; a request's key is hashed and looked up by that hash (an indexed equality on a
+digest of a high-entropy secret, so the lookup leaks nothing useful about the key), then the
+digests are compared in constant time. The first characters are kept as a non-secret prefix
+so operators can tell keys apart.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from datetime import datetime, timezone
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+
+from service.db import read_session, write_session
+from service.dbmodels import ApiKey
+
+ROLES = ("kiosk", "operator", "admin")
+# what each permission needs; admin may do everything
+PERMISSIONS = {
+    "verify": {"kiosk", "admin"},
+    "audit": {"operator", "admin"},
+    "keys": {"admin"},
+}
+KEY_TAG = "idv_"
+PREFIX_LEN = 12
+MIN_BOOTSTRAP_LEN = 24
+log = logging.getLogger("idverify.keys")
+
+
+def generate_key() -> str:
+    return KEY_TAG + secrets.token_urlsafe(32)
+
+
+def hash_key(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
+
+
+def display_prefix(plaintext: str) -> str:
+    """The non-secret part shown in listings: never more than a quarter of the key."""
+    return plaintext[:min(PREFIX_LEN, len(plaintext) // 4)]
+
+
+def allowed(role: str, permission: str) -> bool:
+    return role in PERMISSIONS[permission]
+
+
+def public(key: ApiKey) -> dict:
+    return {
+        "id": key.id,
+        "role": key.role,
+        "name": key.name,
+        "prefix": key.prefix,
+        "created_at": key.created_at.isoformat() if key.created_at else None,
+        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+    }
+
+
+def create_key(engine: Engine, role: str, name: str, plaintext: str | None = None) -> tuple[ApiKey, str]:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    plaintext = plaintext or generate_key()
+    key = ApiKey(name=name, role=role, prefix=display_prefix(plaintext), key_hash=hash_key(plaintext),
+                 created_at=datetime.now(timezone.utc))
+    with write_session(engine) as s:
+        s.add(key)
+    return key, plaintext
+
+
+def list_keys(engine: Engine) -> list[ApiKey]:
+    with read_session(engine) as s:
+        return list(s.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+def revoke_key(engine: Engine, key_id: int) -> ApiKey | None:
+    """Mark the key revoked (rows stay: audit records refer to them). None if unknown."""
+    with write_session(engine) as s:
+        key = s.get(ApiKey, key_id)
+        if key is not None and key.revoked_at is None:
+            key.revoked_at = datetime.now(timezone.utc)
+        return key
+
+
+def lookup(engine: Engine, plaintext: str | None) -> ApiKey | None:
+    """The active key for this plaintext, or None."""
+    if not plaintext:
+        return None
+    digest = hash_key(plaintext)
+    with read_session(engine) as s:
+        key = s.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
+    if key is None or key.revoked_at is not None or not hmac.compare_digest(key.key_hash, digest):
+        return None
+    return key
+
+
+def ensure_bootstrap_admin(engine: Engine, plaintext: str | None) -> ApiKey | None:
+    """IDV_BOOTSTRAP_ADMIN_KEY: create that admin key unless a key with that value exists
+    (revoked or not: a revoked bootstrap key stays revoked). Returns the key if created."""
+    if not plaintext:
+        return None
+    if len(plaintext) < MIN_BOOTSTRAP_LEN:
+        log.warning("IDV_BOOTSTRAP_ADMIN_KEY is shorter than %d characters: use a long random value",
+                    MIN_BOOTSTRAP_LEN)
+    digest = hash_key(plaintext)
+    try:
+        with write_session(engine) as s:
+            if s.scalars(select(ApiKey.id).where(ApiKey.key_hash == digest)).first() is not None:
+                return None
+            key = ApiKey(name="bootstrap-admin", role="admin", prefix=display_prefix(plaintext), key_hash=digest,
+                         created_at=datetime.now(timezone.utc))
+            s.add(key)
+    except IntegrityError:  # another process created it at the same moment
+        return None
+    return key
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def register(sub) -> None:
+    p = sub.add_parser("keys", help="manage API keys")
+    p.add_argument("--database-url", help="default: IDV_DATABASE_URL or SQLite under ./var/")
+    ks = p.add_subparsers(dest="keys_command", required=True)
+    c = ks.add_parser("create", help="create a key; its plaintext is printed once, as the last line")
+    c.add_argument("--role", required=True, choices=ROLES)
+    c.add_argument("--name", required=True)
+    c.set_defaults(func=_cmd_create)
+    ls = ks.add_parser("list", help="list keys (prefix, role, name, state)")
+    ls.set_defaults(func=_cmd_list)
+    r = ks.add_parser("revoke", help="revoke a key by id")
+    r.add_argument("id", type=int)
+    r.set_defaults(func=_cmd_revoke)
+
+
+def _engine(args) -> Engine:
+    from service.db import make_engine
+    from service.settings import get_settings
+
+    return make_engine(args.database_url or get_settings().database_url)
+
+
+def _cmd_create(args) -> int:
+    engine = _engine(args)
+    key, plaintext = create_key(engine, args.role, args.name)
+    print(f"created key {key.id} ({key.role}, {key.name!r}); store it now, it is not shown again:")
+    print(plaintext)
+    return 0
+
+
+def _cmd_list(args) -> int:
+    keys = list_keys(_engine(args))
+    print(f"{'id':>4}  {'prefix':<12}  {'role':<8}  {'state':<7}  {'created':<19}  name")
+    for k in keys:
+        state = "revoked" if k.revoked_at else "active"
+        print(f"{k.id:>4}  {k.prefix:<12}  {k.role:<8}  {state:<7}  {k.created_at.strftime('%Y-%m-%d %H:%M:%S'):<19}  {k.name}")
+    return 0
+
+
+def _cmd_revoke(args) -> int:
+    key = revoke_key(_engine(args), args.id)
+    if key is None:
+        print(f"no key with id {args.id}")
+        return 1
+    print(f"revoked key {key.id} ({key.role}, {key.name!r})")
+    return 0
