@@ -1,0 +1,1 @@
+"""HTTP routes: /verify, /audit, /admin/keys, health and metrics."""

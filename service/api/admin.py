@@ -1,0 +1,38 @@
+"""Key management for admins: POST/GET /admin/keys, DELETE /admin/keys/{id}."""
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from service import keys
+from service.api import deps
+from service.errors import ApiError
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(deps.require("keys"))])
+
+
+class KeyCreate(BaseModel):
+    role: Literal["kiosk", "operator", "admin"]
+    name: str = Field(min_length=1, max_length=200)
+
+
+@router.post("/keys", status_code=201)
+def create_key(body: KeyCreate, request: Request) -> dict:
+    """The plaintext key is in this answer only; it is stored hashed."""
+    key, plaintext = keys.create_key(deps.engine(request), body.role, body.name)
+    return {"id": key.id, "key": plaintext, "role": key.role, "name": key.name, "prefix": key.prefix}
+
+
+@router.get("/keys")
+def list_keys(request: Request) -> dict:
+    return {"items": [keys.public(k) for k in keys.list_keys(deps.engine(request))]}
+
+
+@router.delete("/keys/{key_id}")
+def revoke_key(key_id: int, request: Request) -> dict:
+    key = keys.revoke_key(deps.engine(request), key_id)
+    if key is None:
+        raise ApiError("not_found", f"no key {key_id}", "id", status=404)
+    return keys.public(key)

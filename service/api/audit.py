@@ -1,0 +1,44 @@
+"""GET /audit (filters, keyset pagination, newest first) and GET /audit/{id}; operator or admin."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from service import audit
+from service.api import deps
+from service.errors import INVALID_REQUEST, ApiError
+
+router = APIRouter(tags=["audit"], dependencies=[Depends(deps.require("audit"))])
+
+
+@router.get("/audit")
+def list_audit(
+    request: Request,
+    since: datetime | None = Query(None, description="records at or after this time (ISO 8601; UTC if no zone)"),
+    until: datetime | None = Query(None, description="records before this time"),
+    decision: Literal["match", "no_match", "rejected"] | None = None,
+    device_id: str | None = None,
+    reference: str | None = None,
+    error_code: str | None = None,
+    min_score: float | None = Query(None, ge=0.0, le=1.0),
+    max_score: float | None = Query(None, ge=0.0, le=1.0),
+    limit: int = Query(50, ge=1, le=500),
+    cursor: str | None = Query(None, description="next_cursor from the previous page"),
+) -> dict:
+    flt = audit.AuditFilter(since=since, until=until, decision=decision, device_id=device_id,
+                            reference=reference, error_code=error_code, min_score=min_score, max_score=max_score)
+    try:
+        records, next_cursor = audit.query(deps.engine(request), flt, limit, cursor)
+    except ValueError as exc:
+        raise ApiError(INVALID_REQUEST, "cursor is not valid; use next_cursor from a previous page", "cursor") from exc
+    return {"items": [audit.to_public(r) for r in records], "next_cursor": next_cursor}
+
+
+@router.get("/audit/{record_id}")
+def get_audit(record_id: str, request: Request) -> dict:
+    record = audit.get(deps.engine(request), record_id)
+    if record is None:
+        raise ApiError("not_found", f"no audit record {record_id}", "id", status=404)
+    return audit.to_public(record)

@@ -1,0 +1,150 @@
+"""Reading a /verify request: multipart/form-data (files id_photo, live_photo) or JSON (base64
+strings), optional device_id and reference. The body is capped at settings.max_request_bytes
+while it streams in: a declared Content-Length over the cap is refused before reading, and an
+undeclared (chunked) body is refused as soon as it passes the cap. Anything malformed becomes
+an ApiError with a stable code, never an exception the caller sees as a 5xx."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import Request
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from service.errors import IMAGE_TOO_LARGE, INVALID_REQUEST, MISSING_FIELD, UNSUPPORTED_MEDIA_TYPE, ApiError
+
+PHOTO_FIELDS = ("id_photo", "live_photo")
+TEXT_FIELDS = {"device_id": 128, "reference": 256}  # name -> max length
+JSON_TYPES = ("application/json",)
+MULTIPART_TYPES = ("multipart/form-data",)
+
+
+@dataclass
+class VerifyInput:
+    id_photo: bytes
+    live_photo: bytes
+    device_id: str | None = None
+    reference: str | None = None
+
+
+async def read_verify_input(request: Request, max_bytes: int) -> VerifyInput:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in JSON_TYPES + MULTIPART_TYPES:
+        raise ApiError(UNSUPPORTED_MEDIA_TYPE, "send multipart/form-data (files id_photo, live_photo) "
+                       "or application/json (base64 strings)", None, status=415)
+    _check_declared_length(request, max_bytes)
+    body = capped_stream(request, max_bytes)
+    try:
+        if content_type in MULTIPART_TYPES:
+            fields = await _read_multipart(request, body)
+        else:
+            fields = _parse_json(b"".join([chunk async for chunk in body]))
+    except ClientDisconnect as exc:
+        raise ApiError(INVALID_REQUEST, "the client disconnected before the body was complete") from exc
+    return VerifyInput(
+        id_photo=fields["id_photo"],
+        live_photo=fields["live_photo"],
+        device_id=_text(fields, "device_id"),
+        reference=_text(fields, "reference"),
+    )
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(IMAGE_TOO_LARGE, f"the request body exceeds {max_bytes} bytes", None, status=413)
+
+
+def _check_declared_length(request: Request, max_bytes: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return
+    try:
+        length = int(declared)
+    except ValueError as exc:
+        raise ApiError(INVALID_REQUEST, "Content-Length is not a number") from exc
+    if length > max_bytes:
+        raise _too_large(max_bytes)
+
+
+async def capped_stream(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
+    """The body, chunk by chunk, stopping with 413 once more than max_bytes have arrived."""
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_bytes:
+            raise _too_large(max_bytes)
+        yield chunk
+
+
+async def _read_multipart(request: Request, body: AsyncIterator[bytes]) -> dict:
+    parser = MultiPartParser(request.headers, body, max_files=len(PHOTO_FIELDS), max_fields=16,
+                             max_part_size=16 * 1024)
+    try:
+        form = await parser.parse()
+    except ApiError:
+        raise
+    except MultiPartException as exc:
+        raise ApiError(INVALID_REQUEST, f"malformed multipart body: {exc.message}") from exc
+    except ClientDisconnect:
+        raise
+    except Exception as exc:  # noqa: BLE001 - python-multipart raises assorted errors on garbage
+        raise ApiError(INVALID_REQUEST, "malformed multipart body") from exc
+    try:
+        fields: dict = {}
+        for name in PHOTO_FIELDS:
+            value = form.get(name)
+            if value is None:
+                raise ApiError(MISSING_FIELD, f"{name} is required (a file part)", name)
+            if isinstance(value, str):
+                raise ApiError(INVALID_REQUEST, f"{name} must be sent as a file part", name)
+            fields[name] = await value.read()
+        for name in TEXT_FIELDS:
+            fields[name] = form.get(name)
+        return fields
+    finally:
+        await form.close()
+
+
+def _parse_json(raw: bytes) -> dict:
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ApiError(INVALID_REQUEST, "the body is not valid JSON") from exc
+    if not isinstance(doc, dict):
+        raise ApiError(INVALID_REQUEST, "the body must be a JSON object")
+    fields = {name: doc.get(name) for name in TEXT_FIELDS}
+    for name in PHOTO_FIELDS:
+        value = doc.get(name)
+        if value is None:
+            raise ApiError(MISSING_FIELD, f"{name} is required (a base64 string)", name)
+        if not isinstance(value, str):
+            raise ApiError(INVALID_REQUEST, f"{name} must be a base64 string", name)
+        fields[name] = _b64decode(value, name)
+    return fields
+
+
+def _b64decode(value: str, field: str) -> bytes:
+    if value.startswith("data:") and "," in value:  # data URL: data:image/jpeg;base64,....
+        value = value.split(",", 1)[1]
+    value = "".join(value.split())  # line breaks from wrapping encoders
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(INVALID_REQUEST, f"{field} is not valid base64", field) from exc
+
+
+def _text(fields: dict, name: str) -> str | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(INVALID_REQUEST, f"{name} must be a string", name)
+    value = value.strip()
+    if len(value) > TEXT_FIELDS[name]:
+        raise ApiError(INVALID_REQUEST, f"{name} is longer than {TEXT_FIELDS[name]} characters", name)
+    if any(not ch.isprintable() for ch in value):
+        raise ApiError(INVALID_REQUEST, f"{name} contains control characters", name)
+    return value or None

@@ -1,0 +1,121 @@
+"""The HTTP service: `create_app(settings=None)` and `idverify serve`.
+
+The lifespan loads the Pipeline once (refusing to start if the models fail their manifest
+check), warms it, checks that the database schema is at the latest migration, and creates the
+bootstrap admin key when IDV_BOOTSTRAP_ADMIN_KEY is set.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import keys
+from service.db import make_engine, schema_is_current
+from service.errors import INVALID_REQUEST, MISSING_FIELD, ApiError
+from service.metrics import Metrics, MetricsMiddleware
+from service.ratelimit import RateLimiter
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("idverify.app")
+
+
+def load_pipeline(settings: Settings):
+    from service.pipeline import Pipeline
+
+    pipeline = Pipeline.from_settings(settings)
+    pipeline.warmup()
+    return pipeline
+
+
+def create_app(settings: Settings | None = None, pipeline=None) -> FastAPI:
+    """`pipeline`: an already loaded (and warmed) Pipeline to use instead of loading one at
+    start-up, e.g. one shared by many apps in the tests."""
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not await run_in_threadpool(schema_is_current, engine):
+            raise RuntimeError("the database schema is not at the latest migration: run `idverify migrate`")
+        if await run_in_threadpool(keys.ensure_bootstrap_admin, engine, settings.bootstrap_admin_key):
+            log.info("created the bootstrap admin key")
+        if app.state.pipeline is None:
+            app.state.pipeline = await run_in_threadpool(load_pipeline, settings)
+        try:
+            yield
+        finally:
+            engine.dispose()
+
+    app = FastAPI(title="idverify", version="0.1.0", lifespan=lifespan,
+                  description="Identity verification: ID-chip photo vs live photo, with an audit trail.")
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.pipeline = pipeline
+    app.state.limiter = RateLimiter(settings.rate_limit_per_minute)
+    app.state.metrics = Metrics()
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    _error_handlers(app)
+
+    from service.api import admin, audit, health, verify
+
+    for module in (verify, audit, admin, health):
+        app.include_router(module.router)
+    return app
+
+
+def _error_response(code: str, message: str, field: str | None, status: int, headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "field": field}}, status_code=status,
+                        headers=headers)
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error leaves as {"error": {"code", "message", "field"}}."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc.code, exc.message, exc.field, exc.status, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = (exc.errors() or [{}])[0]
+        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+        field = ".".join(loc) or None
+        code = MISSING_FIELD if first.get("type") == "missing" else INVALID_REQUEST
+        message = f"{field}: {first.get('msg', 'invalid')}" if field else str(first.get("msg", "invalid request"))
+        return _error_response(code, message, field, 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = code or (INVALID_REQUEST if exc.status_code < 500 else "internal_error")
+        return _error_response(code, str(exc.detail), None, exc.status_code, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error_response("internal_error", "internal error", None, 500)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve the HTTP API on IDV_HOST:IDV_PORT")
+    p.add_argument("--host", help="default: IDV_HOST (127.0.0.1)")
+    p.add_argument("--port", type=int, help="default: IDV_PORT (8000)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    import uvicorn
+
+    settings = get_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
+                log_level="info", timeout_graceful_shutdown=10)
+    return 0
