@@ -40,8 +40,12 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = 0  # per key, 0 = off
 
     retain_images: bool = False
-    retention_days: int = 30
-    image_key: str | None = None    # Fernet key for retained images
+    retention_days: int = 30        # `idverify audit purge` deletes retained images older than this
+    image_key: str | None = None    # urlsafe-base64 32-byte key (AES-256-GCM) for retained images
+
+    # operator console (/console)
+    console_session_minutes: int = 30   # idle timeout of a console session (absolute cap: 12 h)
+    console_secure_cookie: str = "auto" # auto (Secure when the request came over https) | true | false
 
     data_dir: Path = ROOT.parent / "shared" / "data"
 
