@@ -1,0 +1,97 @@
+"""Loss terms: pair loss, weight coupling, anchor, group sparsity."""
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from models.train import losses as L  # noqa: E402
+
+
+def test_binary_pair_loss_prefers_matching_embeddings():
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(32, 128, generator=g)
+    ident = torch.arange(32)
+    s, b = torch.tensor(10.0), torch.tensor(-5.0)
+    good, st = L.binary_pair_loss(e, e + 0.01 * torch.randn(32, 128, generator=g), ident, s, b, hard_k=4)
+    bad, _ = L.binary_pair_loss(e, torch.randn(32, 128, generator=g), ident, s, b, hard_k=4)
+    assert good < bad
+    assert st["pos_cos"] > 0.99
+
+
+def test_pair_loss_treats_same_identity_as_positive():
+    e = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    ident = torch.tensor([0, 0, 1, 2])
+    s, b = torch.tensor(10.0), torch.tensor(0.0)
+    # identity 0 appears twice: (0,1) and (1,0) are positives, never mined as negatives
+    live = e.clone()
+    live[1] = e[0]
+    loss, _ = L.binary_pair_loss(e, live, ident, s, b, hard_k=1)
+    assert torch.isfinite(loss)
+
+
+def test_hard_negative_gradient_flows():
+    e_id = torch.randn(16, 32, requires_grad=True)
+    e_live = torch.randn(16, 32, requires_grad=True)
+    loss, _ = L.binary_pair_loss(e_id, e_live, torch.arange(16), torch.tensor(5.0), torch.tensor(0.0))
+    loss.backward()
+    assert e_id.grad.abs().sum() > 0 and e_live.grad.abs().sum() > 0
+
+
+def test_coupling_penalty_is_sum_of_squared_differences():
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        b.weight.copy_(a.weight)
+        b.bias.copy_(a.bias)
+    assert float(L.coupling_penalty(a, b)) == 0.0
+    with torch.no_grad():
+        b.weight[0, 0] += 0.5
+        b.bias[1] -= 2.0
+    assert float(L.coupling_penalty(a, b)) == pytest.approx(0.25 + 4.0)
+
+
+def test_anchor_penalty():
+    m = torch.nn.Linear(3, 2)
+    ref = {n: p.detach().clone() for n, p in m.named_parameters()}
+    assert float(L.anchor_penalty(m, ref)) == 0.0
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    assert float(L.anchor_penalty(m, ref)) == pytest.approx(6.0)
+
+
+def test_group_lasso_counts_units():
+    w = torch.zeros(3, 10)
+    w[:, 2] = torch.tensor([3.0, 4.0, 0.0])
+    assert float(L.group_lasso(w)) == pytest.approx(5.0)
+    assert float(L.l1(w)) == pytest.approx(7.0)
+
+
+def test_dual_towers_coupling_and_anchor():
+    from models.build.dlib_resnet import DlibResNet
+    from models.train.towers import DualTowers, trainable_names
+    torch.manual_seed(0)
+    base = DlibResNet().eval()
+    m = DualTowers(base, heads=True)
+    names = trainable_names(m.id.net)
+    assert all(n.startswith(("stages.level1.", "stages.level0.", "fc.")) for n in names)
+    assert not any(p.requires_grad for n, p in m.id.net.named_parameters() if n not in names)
+    assert float(m.coupling()) == 0.0 and float(m.anchor("live")) == 0.0
+    with torch.no_grad():
+        m.id.net.fc.weight[0, 0] += 0.1
+        m.live.net.fc.weight[0, 0] -= 0.2
+    assert float(m.coupling()) == pytest.approx(0.09, rel=1e-4)
+    assert float(m.anchor("live")) == pytest.approx(0.04, rel=1e-4)
+    shared = DualTowers(base, shared=True)
+    assert shared.live is shared.id and float(shared.coupling()) == 0.0
+
+
+def test_head_losses_mask_missing_labels():
+    from models.train.heads import build_heads, head_losses, sparsity
+    heads = build_heads(128)
+    e = torch.randn(6, 128)
+    nan = float("nan")
+    t = {"gender": torch.tensor([0, 1, nan, nan, 1, 0]), "race": torch.full((6,), nan),
+         "age": torch.tensor([20.0, 30, 40, nan, nan, 50])}
+    out = heads(e)
+    hl = head_losses(out, t, {"age": (35.0, 10.0)})
+    assert set(hl) == {"gender", "age"}
+    assert all(torch.isfinite(v) for v in hl.values())
+    assert float(sparsity(heads)) > 0
