@@ -137,6 +137,11 @@ class UnusedPipeline:
 
 
 @pytest.fixture
+def unused_pipeline() -> UnusedPipeline:
+    return UnusedPipeline()
+
+
+@pytest.fixture
 def make_client(db_url):
     """make_client(pipeline=None, **settings) -> TestClient on a fresh app over `db_url`.
     Without a pipeline, UnusedPipeline is used."""
