@@ -6,6 +6,8 @@ from alembic import context
 
 from service.db import make_engine, normalise_url
 from service.dbmodels import Base
+import service.console.sessions  # noqa: F401,E402 - tables defined outside dbmodels (migration 0002)
+import service.retention  # noqa: F401,E402
 
 config = context.config
 target_metadata = Base.metadata

@@ -55,6 +55,9 @@ def create_app(settings: Settings | None = None, pipeline=None) -> FastAPI:
     app = FastAPI(title="idverify", version="0.1.0", lifespan=lifespan,
                   description="Identity verification: ID-chip photo vs live photo, with an audit trail.")
     app.state.settings = settings
+    from service import console, retention
+
+    app.state.image_cipher = retention.cipher_for(settings)  # refuses to start: retention on without a usable key
     app.state.engine = engine
     app.state.pipeline = pipeline
     app.state.limiter = RateLimiter(settings.rate_limit_per_minute)
@@ -66,6 +69,7 @@ def create_app(settings: Settings | None = None, pipeline=None) -> FastAPI:
 
     for module in (verify, audit, admin, health):
         app.include_router(module.router)
+    console.install(app)
     return app
 
 

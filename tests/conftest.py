@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+import service.console.sessions  # noqa: F401,E402 - registers console_sessions on Base.metadata
+import service.retention  # noqa: F401,E402 - registers retained_images on Base.metadata
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

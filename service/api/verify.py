@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from service import audit
+from service import audit, retention
 from service.api import deps
 from service.api.verify_input import VerifyInput, read_verify_input
 from service.errors import RATE_LIMITED, ApiError
@@ -120,6 +120,7 @@ def _write_audit(request: Request, request_id: str, key_id: int, inp: VerifyInpu
                  device_id=inp.device_id if inp else None, reference=inp.reference if inp else None,
                  latency_ms=round(latency_ms, 3), timings_ms={k: round(v, 3) for k, v in timings.items()} or None,
                  **columns)
+    retention.retain_request(request.app.state, request_id, inp)  # IDV_RETAIN_IMAGES: encrypted uploads
 
 
 class _BytesOnly:

@@ -1,0 +1,147 @@
+"""Small server-rendered SVG charts for the overview page (no JavaScript, no chart library).
+
+Every chart is a self-contained <svg> with a <title> and text labels; colours are presentation
+attributes (the console's Content-Security-Policy allows no inline styles). All text goes
+through markupsafe.escape.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+from markupsafe import Markup, escape
+
+COLOURS = {"match": "#2e7d32", "no_match": "#c62828", "rejected": "#8d8d8d"}
+AXIS = "#555"
+GRID = "#e3e3e3"
+FONT = 'font-family="system-ui, sans-serif" font-size="11"'
+
+
+def _nice_max(value: float) -> float:
+    """A round axis maximum >= value (1, 2, 2.5, 5 x 10^k)."""
+    if value <= 0:
+        return 1.0
+    exp = 10 ** math.floor(math.log10(value))
+    for step in (1, 2, 2.5, 5, 10):
+        if value <= step * exp:
+            return step * exp
+    return 10 * exp
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}" if v < 10_000 else f"{v / 1000:g}k"
+
+
+def _svg(width: int, height: int, title: str, body: Iterable[str]) -> Markup:
+    return Markup(
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+        f'height="{height}" role="img" aria-label="{escape(title)}" {FONT}><title>{escape(title)}</title>'
+        + "".join(body) + "</svg>")
+
+
+def _y_axis(parts: list, x0: float, y0: float, plot_h: float, plot_w: float, ymax: float, ticks: int = 4) -> None:
+    for i in range(ticks + 1):
+        v = ymax * i / ticks
+        y = y0 - plot_h * i / ticks
+        parts.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x0 + plot_w}" y2="{y:.1f}" stroke="{GRID}"/>')
+        parts.append(f'<text x="{x0 - 4}" y="{y + 4:.1f}" text-anchor="end" fill="{AXIS}">{_fmt(v)}</text>')
+    parts.append(f'<line x1="{x0}" y1="{y0}" x2="{x0 + plot_w}" y2="{y0}" stroke="{AXIS}"/>')
+
+
+def _legend(parts: list, x: float, y: float, names: Sequence[str]) -> None:
+    for name in names:
+        parts.append(f'<rect x="{x}" y="{y - 9}" width="10" height="10" fill="{COLOURS.get(name, AXIS)}"/>')
+        parts.append(f'<text x="{x + 14}" y="{y}" fill="#222">{escape(name)}</text>')
+        x += 14 + 7 * len(name) + 16
+
+
+def stacked_bars(buckets: Sequence[tuple[str, dict[str, int]]], title: str, series=("match", "no_match", "rejected"),
+                 width: int = 760, height: int = 240) -> Markup:
+    """One stacked bar per bucket (e.g. per hour), segments per decision."""
+    left, right, top, bottom = 44, 10, 24, 36
+    plot_w, plot_h = width - left - right, height - top - bottom
+    y0 = top + plot_h
+    parts: list[str] = []
+    ymax = _nice_max(max((sum(c.get(s, 0) for s in series) for _, c in buckets), default=0))
+    _y_axis(parts, left, y0, plot_h, plot_w, ymax)
+    _legend(parts, left, 14, series)
+    n = max(len(buckets), 1)
+    slot = plot_w / n
+    bar_w = max(1.0, slot * 0.8)
+    label_every = max(1, math.ceil(n / 12))
+    for i, (label, counts) in enumerate(buckets):
+        x = left + i * slot + (slot - bar_w) / 2
+        y = y0
+        tip = ", ".join(f"{s}: {counts.get(s, 0)}" for s in series)
+        parts.append(f"<g><title>{escape(label)}: {escape(tip)}</title>")
+        for s in series:
+            h = plot_h * counts.get(s, 0) / ymax
+            if h > 0:
+                y -= h
+                parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w:.1f}" height="{h:.1f}" fill="{COLOURS[s]}"/>')
+        parts.append("</g>")
+        if i % label_every == 0:
+            parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{y0 + 14}" text-anchor="middle" fill="{AXIS}">'
+                         f"{escape(label)}</text>")
+    if not buckets:
+        parts.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" text-anchor="middle" fill="{AXIS}">no records</text>')
+    return _svg(width, height, title, parts)
+
+
+def score_histogram(match_scores: Sequence[float], no_match_scores: Sequence[float], thresholds: Sequence[float],
+                    title: str, bins: int = 20, width: int = 760, height: int = 260) -> Markup:
+    """Histograms of match and no-match scores over [0, 1], overlaid, with the threshold(s) drawn."""
+    left, right, top, bottom = 44, 10, 24, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    y0 = top + plot_h
+
+    def counts(scores):
+        c = [0] * bins
+        for s in scores:
+            if s is not None and 0.0 <= s <= 1.0:
+                c[min(int(s * bins), bins - 1)] += 1
+        return c
+
+    series = {"match": counts(match_scores), "no_match": counts(no_match_scores)}
+    ymax = _nice_max(max((max(c) for c in series.values()), default=0))
+    parts: list[str] = []
+    _y_axis(parts, left, y0, plot_h, plot_w, ymax)
+    _legend(parts, left, 14, ("match", "no_match"))
+    bw = plot_w / bins
+    for name, c in series.items():
+        for i, n in enumerate(c):
+            if n:
+                h = plot_h * n / ymax
+                lo = i / bins
+                parts.append(f'<rect x="{left + i * bw + 1:.1f}" y="{y0 - h:.1f}" width="{bw - 2:.1f}" height="{h:.1f}" '
+                             f'fill="{COLOURS[name]}" fill-opacity="0.55"><title>{name} {lo:.2f}-{lo + 1 / bins:.2f}: {n}</title></rect>')
+    for i in range(0, bins + 1, max(1, bins // 10)):
+        x = left + i * bw
+        parts.append(f'<text x="{x:.1f}" y="{y0 + 14}" text-anchor="middle" fill="{AXIS}">{i / bins:.1f}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{y0 + 32}" text-anchor="middle" fill="{AXIS}">score</text>')
+    for t in sorted(set(round(t, 4) for t in thresholds if t is not None)):
+        x = left + plot_w * min(max(t, 0.0), 1.0)
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{y0}" stroke="#1a237e" stroke-width="2" '
+                     f'stroke-dasharray="5,3"><title>threshold {t:.4f}</title></line>')
+        parts.append(f'<text x="{x + 4:.1f}" y="{top + 10}" fill="#1a237e">threshold {t:.3f}</text>')
+    return _svg(width, height, title, parts)
+
+
+def horizontal_bars(items: Sequence[tuple[str, float]], title: str, unit: str = "", colour: str = "#5c6bc0",
+                    width: int = 760, bar_h: int = 18) -> Markup:
+    """Labelled horizontal bars, largest first as given (error codes by count, latency percentiles)."""
+    left, right, top = 170, 60, 8
+    height = top * 2 + max(len(items), 1) * (bar_h + 6)
+    plot_w = width - left - right
+    vmax = max((v for _, v in items), default=0) or 1.0
+    parts: list[str] = []
+    for i, (label, value) in enumerate(items):
+        y = top + i * (bar_h + 6)
+        w = plot_w * value / vmax
+        parts.append(f'<text x="{left - 6}" y="{y + bar_h - 5}" text-anchor="end" fill="#222">{escape(label)}</text>')
+        parts.append(f'<rect x="{left}" y="{y}" width="{max(w, 1):.1f}" height="{bar_h}" fill="{colour}"/>')
+        shown = f"{value:.1f}" if isinstance(value, float) and not float(value).is_integer() else f"{int(value)}"
+        parts.append(f'<text x="{left + w + 4:.1f}" y="{y + bar_h - 5}" fill="#222">{shown}{escape(unit)}</text>')
+    if not items:
+        parts.append(f'<text x="{left}" y="{top + bar_h - 5}" fill="{AXIS}">none</text>')
+    return _svg(width, height, title, parts)

@@ -1,0 +1,44 @@
+"""Retained images as the console shows them: decoded the way the pipeline decoded them (so the
+audited face box lands on the face), the box drawn, scaled down, re-encoded as JPEG."""
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+
+MAX_SIDE = 640
+BOX_COLOUR = (46, 125, 50)   # RGB
+
+
+def _decode(data: bytes, field: str, settings) -> np.ndarray:
+    try:
+        from service.decode import decode_image
+
+        return decode_image(data, field, settings)
+    except Exception:  # noqa: BLE001 - fall back to PIL (e.g. an image the pipeline refused)
+        from PIL import Image, ImageOps
+
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def annotated_jpeg(data: bytes, box, field: str, settings, max_side: int = MAX_SIDE) -> bytes:
+    """JPEG bytes of the image with `box` ([x1, y1, x2, y2] in image pixels) drawn.
+    ValueError when the image cannot be decoded at all."""
+    try:
+        rgb = _decode(data, field, settings)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError("the retained image cannot be decoded") from exc
+    h, w = rgb.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    img = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA) \
+        if scale < 1.0 else rgb.copy()
+    if box and len(box) == 4 and all(v is not None for v in box):
+        x1, y1, x2, y2 = (int(round(float(v) * scale)) for v in box)
+        thickness = max(2, round(max(img.shape[:2]) / 200))
+        cv2.rectangle(img, (x1, y1), (x2, y2), BOX_COLOUR, thickness)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:
+        raise ValueError("could not encode the image")
+    return buf.tobytes()

@@ -1,0 +1,333 @@
+"""Console routes under /console.
+
+GET  /console/login            sign-in form (double-submit CSRF cookie)
+POST /console/login            key -> server-side session cookie; kiosk keys are refused
+POST /console/logout           ends the session (CSRF)
+GET  /console                  records, newest first: filters, counts, keyset paging
+GET  /console/export.csv       the filtered list as CSV
+GET  /console/records/{id}     one record: every field, faces, hashes, chain state, images
+GET  /console/records/{id}/images/{side}   a retained image with its face box (decrypted here)
+GET  /console/overview         decisions over time, score histograms, errors, latency (SVG)
+GET  /console/chain            the chain's state (last full verification, re-run when stale)
+POST /console/chain/verify     re-run the verification now (CSRF)
+
+Without a live session a GET is redirected to the sign-in page and a POST answered 401; a POST
+without the session's CSRF token is answered 403. The key is only ever read from the sign-in
+form body: never from a URL, never logged, never rendered back.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
+
+from service import audit, keys, retention
+from service.console import charts, csrf, sessions, stats
+from service.console.images import annotated_jpeg
+from service.db import read_session
+from service.dbmodels import ApiKey
+
+log = logging.getLogger("idverify.console")
+HERE = Path(__file__).resolve().parent
+STATIC_DIR = HERE / "static"
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+router = APIRouter(prefix="/console", include_in_schema=False)
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": ("default-src 'none'; style-src 'self'; img-src 'self' data:; script-src 'self'; "
+                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+# --- plumbing -------------------------------------------------------------------------------
+
+def _state(request: Request):
+    return request.app.state
+
+
+def _base(request: Request) -> str:
+    return request.scope.get("root_path", "").rstrip("/") + "/console"
+
+
+def _secure_cookie(request: Request) -> bool:
+    mode = str(_state(request).settings.console_secure_cookie).strip().lower()
+    if mode in ("true", "1", "yes", "on"):
+        return True
+    if mode in ("false", "0", "no", "off"):
+        return False
+    return request.url.scheme == "https"
+
+
+def _harden(response: Response) -> Response:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+def _chain_cache(request: Request) -> stats.ChainCache:
+    state = _state(request)
+    cache = getattr(state, "console_chain", None)
+    if cache is None:
+        cache = state.console_chain = stats.ChainCache()
+    return cache
+
+
+def _principal(request: Request) -> sessions.Principal | None:
+    """Blocking (database): call from sync routes or through run_in_threadpool."""
+    state = _state(request)
+    return sessions.lookup(state.engine, request.cookies.get(sessions.COOKIE), state.settings.console_session_minutes)
+
+
+def _render(request: Request, name: str, principal: sessions.Principal | None, status: int = 200, **ctx) -> Response:
+    ctx.update(principal=principal, base=_base(request), csrf_field=csrf.FIELD,
+               csrf_token=principal.csrf_token if principal else None)
+    return _harden(templates.TemplateResponse(request, name, ctx, status_code=status))
+
+
+def _to_login(request: Request) -> Response:
+    target = request.url.path
+    if request.url.query:
+        target += "?" + request.url.query
+    return _harden(RedirectResponse(f"{_base(request)}/login?{urlencode({'next': target})}", status_code=303))
+
+
+def _message(request: Request, principal, status: int, title: str, text: str) -> Response:
+    return _render(request, "message.html", principal, status=status, title=title, text=text)
+
+
+def _safe_next(request: Request, value: str | None) -> str:
+    """Only same-site console paths: no scheme, no host, no '//' tricks."""
+    base = _base(request)
+    if value and value.startswith(base) and not value.startswith("//") and "\\" not in value and ":" not in value.split("?")[0]:
+        return value
+    return base
+
+
+async def _post_guard(request: Request) -> tuple[sessions.Principal | None, object, Response | None]:
+    """For signed-in POSTs: (principal, form, None), or an error response (401 without a
+    session, 403 without the session's CSRF token)."""
+    principal = await run_in_threadpool(_principal, request)
+    if principal is None:
+        return None, None, _message(request, None, 401, "Not signed in", "Sign in first.")
+    form = await request.form()
+    if not csrf.matches(principal.csrf_token, form.get(csrf.FIELD)):
+        return principal, form, _message(request, principal, 403, "Forbidden",
+                                         "The form's security token is missing or stale. Reload the page and try again.")
+    return principal, form, None
+
+
+def _qs(raw: dict[str, str], **extra) -> str:
+    params = {k: v for k, v in raw.items() if v}
+    params.update({k: v for k, v in extra.items() if v not in (None, "")})
+    return urlencode(params)
+
+
+# --- sign-in / sign-out ---------------------------------------------------------------------
+
+def _login_page(request: Request, status: int = 200, error: str | None = None) -> Response:
+    token = request.cookies.get(csrf.LOGIN_COOKIE) or csrf.new_token()
+    response = _render(request, "login.html", None, status=status, title="Sign in", error=error,
+                       login_token=token, next=_safe_next(request, request.query_params.get("next")))
+    response.set_cookie(csrf.LOGIN_COOKIE, token, max_age=csrf.LOGIN_COOKIE_SECONDS, path=_base(request),
+                        httponly=True, samesite="strict", secure=_secure_cookie(request))
+    return response
+
+
+@router.get("/login")
+def login_form(request: Request) -> Response:
+    if _principal(request) is not None:
+        return _harden(RedirectResponse(_base(request), status_code=303))
+    return _login_page(request)
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    form = await request.form()
+    if not csrf.matches(request.cookies.get(csrf.LOGIN_COOKIE), form.get(csrf.FIELD)):
+        return _login_page(request, 403, "The sign-in form expired. Please try again.")
+    plaintext = form.get("key")
+    state = _state(request)
+    key: ApiKey | None = None
+    if isinstance(plaintext, str) and 0 < len(plaintext) <= 512:
+        key = await run_in_threadpool(keys.lookup, state.engine, plaintext.strip())
+    del plaintext
+    if key is None:
+        log.info("console sign-in refused: unknown or revoked key")
+        return _login_page(request, 401, "That key is not valid (unknown or revoked).")
+    if not sessions.may_sign_in(key):
+        log.info("console sign-in refused for key %d (%s): role may not use the console", key.id, key.role)
+        return _login_page(request, 403, f"A {key.role} key cannot sign in to the console; "
+                                         "use an operator or admin key.")
+    value = await run_in_threadpool(sessions.create, state.engine, key, state.settings.console_session_minutes)
+    log.info("console sign-in: key %d (%s, %s)", key.id, key.role, key.prefix)
+    response = RedirectResponse(_safe_next(request, form.get("next") if isinstance(form.get("next"), str) else None),
+                                status_code=303)
+    response.set_cookie(sessions.COOKIE, value, path=_base(request), httponly=True, samesite="strict",
+                        secure=_secure_cookie(request))
+    response.delete_cookie(csrf.LOGIN_COOKIE, path=_base(request))
+    return _harden(response)
+
+
+@router.post("/logout")
+async def logout(request: Request) -> Response:
+    principal, _form, error = await _post_guard(request)
+    if error is not None:
+        return error
+    await run_in_threadpool(sessions.end, _state(request).engine, principal.session_hash)
+    log.info("console sign-out: key %d", principal.key_id)
+    response = RedirectResponse(f"{_base(request)}/login", status_code=303)
+    response.delete_cookie(sessions.COOKIE, path=_base(request), httponly=True, samesite="strict",
+                           secure=_secure_cookie(request))
+    return _harden(response)
+
+
+# --- list and export ------------------------------------------------------------------------
+
+@router.get("")
+def records(request: Request) -> Response:
+    principal = _principal(request)
+    if principal is None:
+        return _to_login(request)
+    engine = _state(request).engine
+    flt, raw, errors = stats.parse_filters(request.query_params)
+    limit = stats.page_size(request.query_params)
+    cursor = request.query_params.get("cursor") or None
+    try:
+        rows, next_cursor = audit.query(engine, flt, limit, cursor)
+    except ValueError:
+        errors.append("the paging cursor is not valid; showing the newest records")
+        cursor = None
+        rows, next_cursor = audit.query(engine, flt, limit)
+    raw_limit = str(limit) if limit != 50 else ""
+    return _render(
+        request, "list.html", principal, title="Records", filters=raw, errors=errors,
+        records=[audit.to_public(r) for r in rows], counts=stats.counts(engine, flt), limit=limit,
+        page_sizes=stats.PAGE_SIZES, paged=cursor is not None,
+        next_url=f"?{_qs(raw, limit=raw_limit, cursor=next_cursor)}" if next_cursor else None,
+        first_url=f"?{_qs(raw, limit=raw_limit)}",
+        export_url=f"{_base(request)}/export.csv?{_qs(raw)}",
+        overview_url=f"{_base(request)}/overview?{_qs(raw)}",
+        chain=_chain_cache(request).current(engine, refresh_if_stale=False),
+    )
+
+
+@router.get("/export.csv")
+def export_csv(request: Request) -> Response:
+    principal = _principal(request)
+    if principal is None:
+        return _to_login(request)
+    flt, _raw, errors = stats.parse_filters(request.query_params)
+    if errors:
+        return _message(request, principal, 400, "Invalid filter", "; ".join(errors))
+    log.info("console CSV export by key %d", principal.key_id)
+    name = f"idverify-audit-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.csv"
+    response = StreamingResponse(stats.csv_lines(_state(request).engine, flt), media_type="text/csv; charset=utf-8",
+                                 headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    return _harden(response)
+
+
+# --- one record -----------------------------------------------------------------------------
+
+@router.get("/records/{record_id}")
+def record_detail(record_id: str, request: Request) -> Response:
+    principal = _principal(request)
+    if principal is None:
+        return _to_login(request)
+    state = _state(request)
+    record = audit.get(state.engine, record_id[:64])
+    if record is None:
+        return _message(request, principal, 404, "Not found", f"There is no audit record {record_id[:64]}.")
+    key = None
+    if record.key_id is not None:
+        with read_session(state.engine) as s:
+            key = s.get(ApiKey, record.key_id)
+    sides = retention.stored_sides(state.engine, record.id)
+    chain_run = _chain_cache(request).current(state.engine, refresh_if_stale=False)
+    return _render(
+        request, "detail.html", principal, title=f"Record {record.seq}", r=audit.to_public(record),
+        key=keys.public(key) if key else None,
+        chain_state=stats.record_chain_state(state.engine, record, chain_run), chain=chain_run,
+        images={side: f"{_base(request)}/records/{record.id}/images/{side}" for side in sides},
+        retain_on=state.settings.retain_images, can_decrypt=getattr(state, "image_cipher", None) is not None,
+    )
+
+
+@router.get("/records/{record_id}/images/{side}")
+def record_image(record_id: str, side: str, request: Request) -> Response:
+    principal = _principal(request)
+    if principal is None:
+        return _to_login(request)
+    if side not in ("id", "live"):
+        return _harden(Response("unknown side", status_code=404, media_type="text/plain"))
+    state = _state(request)
+    record = audit.get(state.engine, record_id[:64])
+    if record is None:
+        return _harden(Response("no such record", status_code=404, media_type="text/plain"))
+    try:
+        data = retention.load(state.engine, getattr(state, "image_cipher", None), record.id, side)
+    except retention.ImageDecryptError as exc:
+        log.warning("retained image %s/%s does not decrypt: %s", record.id, side, exc)
+        return _harden(Response("the image cannot be decrypted with the configured IDV_IMAGE_KEY",
+                                status_code=409, media_type="text/plain"))
+    if data is None:
+        return _harden(Response("no image retained", status_code=404, media_type="text/plain"))
+    field = "id_photo" if side == "id" else "live_photo"
+    try:
+        jpeg = annotated_jpeg(data, getattr(record, f"{side}_box"), field, state.settings)
+    except ValueError as exc:
+        return _harden(Response(str(exc), status_code=422, media_type="text/plain"))
+    log.info("console image view %s/%s by key %d", record.id, side, principal.key_id)
+    return _harden(Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store, private"}))
+
+
+# --- overview and chain ---------------------------------------------------------------------
+
+@router.get("/overview")
+def overview(request: Request) -> Response:
+    principal = _principal(request)
+    if principal is None:
+        return _to_login(request)
+    now = datetime.now(timezone.utc)
+    flt, raw, errors = stats.parse_filters(request.query_params,
+                                           default_since=now - timedelta(days=stats.OVERVIEW_DEFAULT_DAYS))
+    ov = stats.overview(_state(request).engine, flt, now)
+    lat = ov.latency.get("all", {})
+    latency_bars = [(name, lat[name]) for name in ("p50", "p90", "p95", "p99", "max") if name in lat]
+    return _render(
+        request, "overview.html", principal, title="Overview", filters=raw, errors=errors, ov=ov,
+        list_url=f"{_base(request)}?{_qs(raw)}",
+        decisions_svg=charts.stacked_bars(ov.buckets, f"Decisions per {ov.bucket}"),
+        scores_svg=charts.score_histogram(ov.match_scores, ov.no_match_scores, ov.thresholds,
+                                          "Scores of matches and no-matches, with the threshold"),
+        errors_svg=charts.horizontal_bars(ov.errors, "Error codes by count"),
+        latency_svg=charts.horizontal_bars(latency_bars, "Latency percentiles (all calls)", unit=" ms",
+                                           colour="#00838f"),
+    )
+
+
+@router.get("/chain")
+def chain(request: Request) -> Response:
+    principal = _principal(request)
+    if principal is None:
+        return _to_login(request)
+    run = _chain_cache(request).current(_state(request).engine, refresh_if_stale=True)
+    return _render(request, "chain.html", principal, title="Audit chain", run=run)
+
+
+@router.post("/chain/verify")
+async def chain_verify(request: Request) -> Response:
+    _principal_, _form, error = await _post_guard(request)
+    if error is not None:
+        return error
+    await run_in_threadpool(_chain_cache(request).run, _state(request).engine)
+    return _harden(RedirectResponse(f"{_base(request)}/chain", status_code=303))
