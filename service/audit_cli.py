@@ -1,4 +1,6 @@
-"""`idverify audit verify`: walk the audit hash chain and name the first broken record."""
+"""`idverify audit verify`: walk the audit hash chain and name the first broken record.
+`idverify audit purge`: delete retained images past IDV_RETENTION_DAYS (service/retention.py).
+`idverify audit image-key`: print a new key for IDV_IMAGE_KEY."""
 from __future__ import annotations
 
 
@@ -8,6 +10,12 @@ def register(sub) -> None:
     cmds = p.add_subparsers(dest="audit_command", required=True)
     v = cmds.add_parser("verify", help="check every record's hash and link; exit 1 at the first broken one")
     v.set_defaults(func=_cmd_verify)
+    pg = cmds.add_parser("purge", help="delete retained images older than IDV_RETENTION_DAYS (records and hashes stay)")
+    pg.add_argument("--days", type=int, help="default: IDV_RETENTION_DAYS")
+    pg.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
+    pg.set_defaults(func=_cmd_purge)
+    k = cmds.add_parser("image-key", help="print a new random IDV_IMAGE_KEY (AES-256-GCM, urlsafe base64)")
+    k.set_defaults(func=_cmd_image_key)
 
 
 def _cmd_verify(args) -> int:
@@ -27,3 +35,31 @@ def _cmd_verify(args) -> int:
     print(f"audit chain BROKEN at record {report.broken_id} (seq {report.broken_seq}): {report.reason}")
     print(f"{report.checked} records before it verified")
     return 1
+
+
+def _cmd_purge(args) -> int:
+    from service import retention
+    from service.db import make_engine
+    from service.settings import get_settings
+
+    settings = get_settings()
+    days = settings.retention_days if args.days is None else args.days
+    if days < 0:
+        print("--days must be >= 0")
+        return 2
+    engine = make_engine(args.database_url or settings.database_url)
+    try:
+        result = retention.purge(engine, days, dry_run=args.dry_run)
+    finally:
+        engine.dispose()
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {result.images} retained images of {result.records} records stored before "
+          f"{result.cutoff:%Y-%m-%d %H:%M:%S} UTC ({days} days); audit records and hashes are kept")
+    return 0
+
+
+def _cmd_image_key(_args) -> int:
+    from service.retention import generate_key
+
+    print(generate_key())
+    return 0
