@@ -94,7 +94,7 @@ def side_columns(field: str, side: Any) -> dict:
     face = getattr(side, "face", None)
     return {
         f"{prefix}_faces": side.faces_seen,
-        f"{prefix}_box": jsonable(face.box) if face is not None else None,
+        f"{prefix}_box": [round(float(v), 1) for v in face.box] if face is not None else None,  # as answered
         f"{prefix}_quality": jsonable(side.quality) or None,
         f"{prefix}_sha256": side.sha256,
     }
