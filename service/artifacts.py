@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.embed import Tower
 
 
 class ArtifactError(RuntimeError):
@@ -40,8 +39,7 @@ def resolve_version(models_dir: Path, name: str, version: str) -> Path:
 
 
 def load_manifest(folder: Path) -> dict:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    return manifest
+    return json.loads((Path(folder) / "manifest.json").read_text())
 
 
 def verify_file(folder: Path, entry: dict) -> Path:
@@ -56,8 +54,8 @@ def verify_file(folder: Path, entry: dict) -> Path:
 
 @dataclass
 class Towers:
-    id: Tower
-    live: Tower
+    id: "Tower"
+    live: "Tower"
     manifest: dict
     folder: Path
 
@@ -74,6 +72,8 @@ class Towers:
 
 
 def load_towers(models_dir: Path, name: str, version: str, providers: list[str], threads: int = 0) -> Towers:
+    from service.embed import Tower
+
     folder = resolve_version(models_dir, name, version)
     manifest = load_manifest(folder)
     towers = manifest.get("towers") or {}

@@ -20,8 +20,6 @@ be near P-Net's 12 px window); results are mapped back to the caller's image.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +27,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from service.artifacts import ArtifactError, load_manifest, verify_file
+from service.runtime import make_session
+
 MANIFEST = "manifest.json"
 ROLES = ("pnet", "rnet", "onet")
 
 
-class DetectorArtifactError(RuntimeError):
+class DetectorArtifactError(ArtifactError):
     """The detector's model folder is missing a file or a file does not match its manifest."""
 
 
@@ -123,14 +124,6 @@ def crop_batch(img: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------------ detector
 
 class FaceDetector:
@@ -156,42 +149,26 @@ class FaceDetector:
                  **kwargs) -> "FaceDetector":
         """Load pnet/rnet/onet.onnx from `model_dir` after checking each file's SHA-256 against
         manifest.json. Raises DetectorArtifactError on a missing file or a mismatch."""
-        import onnxruntime as ort
-
         folder = Path(model_dir)
-        manifest_path = folder / MANIFEST
-        if not manifest_path.exists():
-            raise DetectorArtifactError(f"detector manifest {manifest_path} is missing")
         try:
-            manifest = json.loads(manifest_path.read_text())
+            manifest = load_manifest(folder)
             entries = {e.get("role", Path(e["file"]).stem): e for e in manifest["files"]}
+        except FileNotFoundError as exc:
+            raise DetectorArtifactError(f"detector manifest {folder / MANIFEST} is missing") from exc
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise DetectorArtifactError(f"detector manifest {manifest_path} is malformed: {exc}") from exc
+            raise DetectorArtifactError(f"detector manifest {folder / MANIFEST} is malformed: {exc}") from exc
         missing = [r for r in ROLES if r not in entries]
         if missing:
-            raise DetectorArtifactError(f"detector manifest {manifest_path} names no file for {missing}")
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
-        # three sessions run back to back: spinning workers of one would steal the cores of the next
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            raise DetectorArtifactError(f"detector manifest {folder / MANIFEST} names no file for {missing}")
         sessions = {}
         for role in ROLES:
-            entry = entries[role]
-            path = folder / entry["file"]
-            if not path.exists():
-                raise DetectorArtifactError(f"detector file {path} named in the manifest is missing")
-            actual = sha256_file(path)
-            if actual != entry.get("sha256"):
+            try:
+                path = verify_file(folder, entries[role])
+            except ArtifactError as exc:
                 raise DetectorArtifactError(
-                    f"detector file {path}: SHA-256 {actual} does not match the manifest's "
-                    f"{entry.get('sha256')}; re-export with `python -m models.build.export_mtcnn`")
-            sessions[role] = ort.InferenceSession(str(path), sess_options=opts,
-                                                  providers=providers or ["CPUExecutionProvider"])
+                    f"detector {exc}; re-export with `python -m models.build.export_mtcnn`") from exc
+            # three sessions run back to back: make_session turns thread spinning off
+            sessions[role] = make_session(path, providers, threads)
         defaults = dict(manifest.get("defaults") or {})
         defaults = {k: v for k, v in defaults.items() if k in ("min_face_size", "factor", "thresholds")}
         defaults.update(kwargs)

@@ -73,9 +73,8 @@ class Pipeline:
     def from_settings(cls, settings: Settings) -> "Pipeline":
         providers = choose_providers(settings.providers)
         detector_dir = resolve_version(settings.models_dir, "mtcnn", "1")
-        detector = FaceDetector.from_dir(detector_dir, providers=providers, threads=settings.onnx_threads)
-        detector.max_side = settings.detect_max_side
-        detector.min_side = settings.detect_min_side
+        detector = FaceDetector.from_dir(detector_dir, providers=providers, threads=settings.onnx_threads,
+                                         max_side=settings.detect_max_side, min_side=settings.detect_min_side)
         towers = load_towers(settings.models_dir, settings.towers, settings.tower_version, providers, settings.onnx_threads)
         threshold = Threshold.from_calibration(towers.calibration, score=settings.threshold, far_target=settings.far_target)
         log.info("loaded %s on %s; threshold %.4f (FAR %s)", towers.version, providers[0], threshold.score, threshold.far)

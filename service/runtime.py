@@ -28,5 +28,9 @@ def make_session(path: Path, providers: list[str] | None = None, threads: int = 
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    # sessions run back to back (detector cascade, then a tower): a spinning pool of one
+    # would steal the cores of the next
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
