@@ -656,6 +656,7 @@ def evaluate(protocol: str, folds: list[int], pipeline, data_dir: Path | str, *,
         "limit": limit,
         "seed": seed,
         "command": command if command is not None else " ".join(sys.argv),
+        "argv": list(sys.argv),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git": _git_commit(),
         "data_dir": str(data_dir),
@@ -800,7 +801,7 @@ def run_cli(args) -> int:
                       extended_impostors=args.extended_impostors, seed=args.seed, out=out,
                       batch_size=args.batch_size, progress=not args.no_progress,
                       chip_landmarks=args.chip_landmarks,
-                      command="idverify " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("idverify") else " ".join(sys.argv))
+                      command="idverify " + " ".join(sys.argv[1:]))
     for line in summary_lines(report):
         print(line)
     print(f"report: {out / 'report.json'}")

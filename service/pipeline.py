@@ -49,7 +49,7 @@ class Side:
         f = self.face
         return {
             "box": [round(float(v), 1) for v in f.box] if f else None,
-            "landmarks": np.round(f.landmarks, 1).tolist() if f else None,
+            "landmarks": np.round(f.landmarks.astype(np.float64), 1).tolist() if f else None,
             "detection_score": round(float(f.score), 4) if f else None,
             "face_px": round(self.face_px, 1),
             "faces_seen": self.faces_seen,

@@ -9,7 +9,6 @@ import io
 import threading
 
 import httpx
-import pytest
 from sqlalchemy import select
 
 from service import audit, keys

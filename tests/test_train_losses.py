@@ -74,11 +74,13 @@ def test_dual_towers_coupling_and_anchor():
     assert all(n.startswith(("stages.level1.", "stages.level0.", "fc.")) for n in names)
     assert not any(p.requires_grad for n, p in m.id.net.named_parameters() if n not in names)
     assert float(m.coupling()) == 0.0 and float(m.anchor("live")) == 0.0
+    w = m.layer_weight["fc.weight"]
+    assert w == pytest.approx(1.0 / float(base.fc.weight.pow(2).sum()))
     with torch.no_grad():
         m.id.net.fc.weight[0, 0] += 0.1
         m.live.net.fc.weight[0, 0] -= 0.2
-    assert float(m.coupling()) == pytest.approx(0.09, rel=1e-4)
-    assert float(m.anchor("live")) == pytest.approx(0.04, rel=1e-4)
+    assert float(m.coupling()) == pytest.approx(0.09 * w, rel=1e-4)
+    assert float(m.anchor("live")) == pytest.approx(0.04 * w, rel=1e-4)
     shared = DualTowers(base, shared=True)
     assert shared.live is shared.id and float(shared.coupling()) == 0.0
 

@@ -49,20 +49,37 @@ class DualTowers(nn.Module):
         self.bias = nn.Parameter(torch.tensor(-7.0))
         ref = Tower(copy.deepcopy(pretrained), cut).trainable()
         self.ref = {n: p.detach().clone() for n, p in ref.items()}
+        # per-layer weights of the penalties: 1 / ||W_pre||^2, so that every layer's squared
+        # difference is measured relative to its own scale (dlib's conv weights are ~1e-3, its
+        # folded-BN gains ~10: an unweighted sum would only ever see the gains)
+        self.layer_weight = {n: 1.0 / max(float(p.pow(2).sum()), 1e-12) for n, p in self.ref.items()
+                             if float(p.pow(2).sum()) > 1e-10}
 
     def coupling(self) -> torch.Tensor:
+        """sum over corresponding layers of ||W_id - W_live||^2 / ||W_pre||^2."""
         if self.shared:
             return torch.zeros(())
         a, b = self.id.trainable(), self.live.trainable()
-        return sum((a[n] - b[n]).pow(2).sum() for n in a)
+        return sum(w * (a[n] - b[n]).pow(2).sum() for n, w in self.layer_weight.items())
 
     def anchor(self, tower: str = "live") -> torch.Tensor:
+        """sum over layers of ||W - W_pre||^2 / ||W_pre||^2."""
         t = getattr(self, tower).trainable()
-        return sum((t[n] - self.ref[n]).pow(2).sum() for n in t)
+        return sum(w * (t[n] - self.ref[n]).pow(2).sum() for n, w in self.layer_weight.items())
 
     def param_groups(self, lr: float, head_lr: float) -> list[dict]:
-        backbone = list(self.id.trainable().values())
-        if not self.shared:
-            backbone += list(self.live.trainable().values())
+        """Adam with a per-tensor learning rate proportional to the tensor's pretrained RMS
+        (`lr` is a relative step); tensors that are ~0 in the pretrained net (dlib's conv biases,
+        folded away by the affine layers) stay frozen."""
+        groups = []
+        towers = [self.id] if self.shared else [self.id, self.live]
+        for t in towers:
+            for n, p in t.trainable().items():
+                rms = float(self.ref[n].pow(2).mean().sqrt())
+                if rms < 1e-6:
+                    p.requires_grad_(False)
+                    continue
+                groups.append({"params": [p], "lr": lr * rms, "name": n})
         other = [self.scale, self.bias] + (list(self.heads.parameters()) if self.heads is not None else [])
-        return [{"params": backbone, "lr": lr}, {"params": other, "lr": head_lr}]
+        groups.append({"params": other, "lr": head_lr})
+        return groups
