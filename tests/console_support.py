@@ -1,0 +1,100 @@
+"""Helpers shared by the console, retention, audit-chain and browser tests (not a test module)."""
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+
+from service import audit
+
+# Used only when the model ships no calibration table yet (the conftest `pipeline` fixture then
+# skips): the towers are real, the threshold is fixed. 0.95 separates LFW fold-1 pairs for the
+# dlib baseline; what these tests check does not depend on its exact value.
+FALLBACK_THRESHOLD = 0.95
+_fallback: dict = {}
+
+
+def real_pipeline(request):
+    """The real pipeline (conftest's session fixture), else the real models with a fixed
+    threshold, else None when the models cannot be loaded at all."""
+    try:
+        return request.getfixturevalue("pipeline")
+    except pytest.skip.Exception:
+        pass
+    if "p" not in _fallback:
+        try:
+            from service.app import load_pipeline
+            from service.settings import Settings
+
+            _fallback["p"] = load_pipeline(Settings(threshold=FALLBACK_THRESHOLD))
+        except Exception:  # noqa: BLE001 - models not there yet
+            _fallback["p"] = None
+    return _fallback["p"]
+
+
+def lfw_pairs(lfw: Path, same: int, different: int) -> list[tuple[str, Path, Path]]:
+    """(kind, id image, live image) from pairs.txt fold 1: `same` matched, `different` mismatched."""
+    def image(name: str, n: str) -> Path:
+        return lfw / "images" / name / f"{name}_{int(n):04d}.jpg"
+
+    out: list[tuple[str, Path, Path]] = []
+    s = d = 0
+    for line in (lfw / "pairs.txt").read_text().splitlines()[1:601]:
+        parts = line.split()
+        if len(parts) == 3 and s < same:
+            out.append(("same", image(parts[0], parts[1]), image(parts[0], parts[2])))
+            s += 1
+        elif len(parts) == 4 and d < different:
+            out.append(("different", image(parts[0], parts[1]), image(parts[2], parts[3])))
+            d += 1
+    return out
+
+
+def append_record(engine, **columns):
+    """An audit record through the real audit writer, with realistic defaults."""
+    base = dict(id=str(uuid.uuid4()), key_id=None, decision="no_match", score=0.42, threshold=0.91,
+                far_target=1e-3, model_version="towers:test", latency_ms=180.5, id_faces=1, live_faces=1,
+                id_box=[52.0, 61.5, 190.2, 201.0], live_box=[80.0, 70.0, 170.0, 180.0],
+                id_quality={"sharpness": 81.2, "brightness": 120.4, "blurry": False, "small_face": False},
+                live_quality={"sharpness": 40.1, "brightness": 99.0, "blurry": False, "small_face": False},
+                id_sha256="a" * 64, live_sha256="b" * 64,
+                timings_ms={"decode": 2.5, "detect": 60.0, "align": 1.0, "embed": 30.0, "compare": 0.1})
+    base.update(columns)
+    return audit.append(engine, **base)
+
+
+def seed(engine, key_id=None) -> list:
+    """18 records: 6 match (dev-a), 6 no_match (dev-b), 6 rejected (no_face / image_undecodable)."""
+    out = []
+    for i in range(6):
+        out.append(append_record(engine, key_id=key_id, decision="match", score=0.95 + i / 200, device_id="dev-a",
+                                 reference=f"case-m{i}", latency_ms=150 + 10 * i))
+    for i in range(6):
+        out.append(append_record(engine, key_id=key_id, decision="no_match", score=0.5 + i / 20, device_id="dev-b",
+                                 reference=f"case-n{i}", latency_ms=200 + 10 * i))
+    for i in range(6):
+        code = "no_face" if i % 2 == 0 else "image_undecodable"
+        out.append(append_record(engine, key_id=key_id, decision="rejected", score=None, device_id="dev-a",
+                                 reference=f"case-r{i}", error_code=code, error_field="live_photo",
+                                 live_faces=0 if code == "no_face" else None, live_box=None, live_quality=None,
+                                 latency_ms=40 + i))
+    return out
+
+
+CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def csrf_from(html: str) -> str:
+    m = CSRF_RE.search(html)
+    assert m, "no CSRF field in the page"
+    return m.group(1)
+
+
+def sign_in(client, key: str, expect: int = 303):
+    """Sign in through the form (GET for the login token, POST the key)."""
+    page = client.get("/console/login")
+    r = client.post("/console/login", data={"key": key, "csrf_token": csrf_from(page.text)}, follow_redirects=False)
+    assert r.status_code == expect, (r.status_code, r.text[:500])
+    return r
