@@ -74,8 +74,7 @@ def create_app(settings: Settings | None = None, pipeline=None) -> FastAPI:
 
 
 def _error_response(code: str, message: str, field: str | None, status: int, headers=None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "field": field}}, status_code=status,
-                        headers=headers)
+    return JSONResponse(ApiError(code, message, field).to_dict(), status_code=status, headers=headers)
 
 
 def _error_handlers(app: FastAPI) -> None:
