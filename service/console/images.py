@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 MAX_SIDE = 640
-BOX_COLOUR = (46, 125, 50)   # RGB
+BOX_COLOUR = (0, 230, 64)    # RGB, a bright green that stands out on skin and backgrounds
 
 
 def _decode(data: bytes, field: str, settings) -> np.ndarray:
