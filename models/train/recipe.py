@@ -1,0 +1,49 @@
+"""The training recipe end to end: cache -> train -> (fast) evaluation -> export."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from models.train import data as D
+
+# cache splits in build order (eval = folds 9-10 images, evaluation only, chip seed 0 as `idverify eval`)
+SPLITS = ("lfw_val", "eval", "lfw_train", "utk_train", "utk_test", "utk_adapt")
+EVAL_CHIP_SEED = 0      # `idverify eval --protocol lfw-ivs` default seed
+TRAIN_CHIP_SEED = 1
+
+
+def split_items(data_dir: Path, split: str) -> list[D.Item]:
+    if split == "lfw_train":
+        return D.lfw_split(data_dir).train
+    if split == "lfw_val":
+        return D.lfw_split(data_dir).val
+    if split.startswith("utk_"):
+        return getattr(D.utk_split(data_dir), split[4:])
+    if split == "eval":
+        pairs = D.parse_pairs(Path(data_dir) / "lfw" / "pairs.txt")
+        keys = sorted({D.lfw_key(*img) for p in pairs if p.fold in D.EVAL_FOLDS for img in (p.a, p.b)})
+        return [D.Item(k, "lfw", k.split("/")[2]) for k in keys]
+    raise ValueError(split)
+
+
+def build_cache(data_dir: Path, root: Path, threads: int = 2, splits=SPLITS) -> None:
+    from models.train.cache import CacheConfig, build_split, split_path
+    reserved = D.reserved_identities(data_dir)
+    cfg = CacheConfig(data_dir=data_dir, root=root, chip_seed=TRAIN_CHIP_SEED, threads=threads)
+    for split in splits:
+        if split_path(root, split).exists():
+            continue
+        t0 = time.time()
+        items = split_items(data_dir, split)
+        print(f"[cache] building {split}: {len(items)} images -> {root}", file=sys.stderr, flush=True)
+        if split == "eval":
+            build_split(split, items, cfg, with_occ=False, chip_seed=EVAL_CHIP_SEED)
+        else:
+            build_split(split, items, cfg, reserved=reserved)
+        print(f"[cache] {split} done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+
+
+def train_and_report(args, data_dir: Path) -> int:
+    from models.train import trainer
+    return trainer.main(args, data_dir)
