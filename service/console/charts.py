@@ -90,16 +90,24 @@ def stacked_bars(buckets: Sequence[tuple[str, dict[str, int]]], title: str, seri
 
 def score_histogram(match_scores: Sequence[float], no_match_scores: Sequence[float], thresholds: Sequence[float],
                     title: str, bins: int = 20, width: int = 760, height: int = 260) -> Markup:
-    """Histograms of match and no-match scores over [0, 1], overlaid, with the threshold(s) drawn."""
+    """Histograms of match and no-match scores, overlaid, with the threshold(s) drawn. The axis
+    runs from 0 to 1, or, when every score and threshold is higher, from the lowest of them
+    (rounded down to 0.05) to 1, so scores bunched near 1 stay readable."""
     left, right, top, bottom = 44, 10, 24, 40
     plot_w, plot_h = width - left - right, height - top - bottom
     y0 = top + plot_h
+    seen = [v for v in (*match_scores, *no_match_scores, *thresholds) if v is not None and 0.0 <= v <= 1.0]
+    lo = min(math.floor(min(seen) * 20) / 20, 0.95) if seen else 0.0
+    span = 1.0 - lo
+
+    def pos(v: float) -> float:
+        return (min(max(v, lo), 1.0) - lo) / span
 
     def counts(scores):
         c = [0] * bins
         for s in scores:
-            if s is not None and 0.0 <= s <= 1.0:
-                c[min(int(s * bins), bins - 1)] += 1
+            if s is not None and lo <= s <= 1.0:
+                c[min(int(pos(s) * bins), bins - 1)] += 1
         return c
 
     series = {"match": counts(match_scores), "no_match": counts(no_match_scores)}
@@ -112,25 +120,29 @@ def score_histogram(match_scores: Sequence[float], no_match_scores: Sequence[flo
         for i, n in enumerate(c):
             if n:
                 h = plot_h * n / ymax
-                lo = i / bins
+                a = lo + span * i / bins
                 parts.append(f'<rect x="{left + i * bw + 1:.1f}" y="{y0 - h:.1f}" width="{bw - 2:.1f}" height="{h:.1f}" '
-                             f'fill="{COLOURS[name]}" fill-opacity="0.55"><title>{name} {lo:.2f}-{lo + 1 / bins:.2f}: {n}</title></rect>')
+                             f'fill="{COLOURS[name]}" fill-opacity="0.55"><title>{name} {a:.3f}-{a + span / bins:.3f}: '
+                             f'{n}</title></rect>')
     for i in range(0, bins + 1, max(1, bins // 10)):
         x = left + i * bw
-        parts.append(f'<text x="{x:.1f}" y="{y0 + 14}" text-anchor="middle" fill="{AXIS}">{i / bins:.1f}</text>')
-    parts.append(f'<text x="{left + plot_w / 2}" y="{y0 + 32}" text-anchor="middle" fill="{AXIS}">score</text>')
+        parts.append(f'<text x="{x:.1f}" y="{y0 + 14}" text-anchor="middle" fill="{AXIS}">{lo + span * i / bins:.3g}</text>')
+    axis = "score" if lo == 0 else f"score (axis from {lo:.2f})"
+    parts.append(f'<text x="{left + plot_w / 2}" y="{y0 + 32}" text-anchor="middle" fill="{AXIS}">{axis}</text>')
     for t in sorted(set(round(t, 4) for t in thresholds if t is not None)):
-        x = left + plot_w * min(max(t, 0.0), 1.0)
+        x = left + plot_w * pos(t)
+        right_side = x < left + plot_w * 0.7
         parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{y0}" stroke="#1a237e" stroke-width="2" '
                      f'stroke-dasharray="5,3"><title>threshold {t:.4f}</title></line>')
-        parts.append(f'<text x="{x + 4:.1f}" y="{top + 10}" fill="#1a237e">threshold {t:.3f}</text>')
+        parts.append(f'<text x="{x + 4 if right_side else x - 4:.1f}" y="{top + 10}" fill="#1a237e" '
+                     f'text-anchor="{"start" if right_side else "end"}">threshold {t:.3f}</text>')
     return _svg(width, height, title, parts)
 
 
 def horizontal_bars(items: Sequence[tuple[str, float]], title: str, unit: str = "", colour: str = "#5c6bc0",
-                    width: int = 760, bar_h: int = 18) -> Markup:
+                    width: int = 520, bar_h: int = 18) -> Markup:
     """Labelled horizontal bars, largest first as given (error codes by count, latency percentiles)."""
-    left, right, top = 170, 60, 8
+    left, right, top = 150, 70, 8
     height = top * 2 + max(len(items), 1) * (bar_h + 6)
     plot_w = width - left - right
     vmax = max((v for _, v in items), default=0) or 1.0

@@ -217,7 +217,8 @@ def records(request: Request) -> Response:
         first_url=f"?{_qs(raw, limit=raw_limit)}",
         export_url=f"{_base(request)}/export.csv?{_qs(raw)}",
         overview_url=f"{_base(request)}/overview?{_qs(raw)}",
-        chain=_chain_cache(request).current(engine, refresh_if_stale=False),
+        chain=_chain_cache(request).current(engine, refresh="background"),
+        chain_running=_chain_cache(request).running,
     )
 
 
@@ -252,7 +253,7 @@ def record_detail(record_id: str, request: Request) -> Response:
         with read_session(state.engine) as s:
             key = s.get(ApiKey, record.key_id)
     sides = retention.stored_sides(state.engine, record.id)
-    chain_run = _chain_cache(request).current(state.engine, refresh_if_stale=False)
+    chain_run = _chain_cache(request).current(state.engine, refresh="background")
     return _render(
         request, "detail.html", principal, title=f"Record {record.seq}", r=audit.to_public(record),
         key=keys.public(key) if key else None,
@@ -320,7 +321,7 @@ def chain(request: Request) -> Response:
     principal = _principal(request)
     if principal is None:
         return _to_login(request)
-    run = _chain_cache(request).current(_state(request).engine, refresh_if_stale=True)
+    run = _chain_cache(request).current(_state(request).engine, refresh="sync")
     return _render(request, "chain.html", principal, title="Audit chain", run=run)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import threading
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from service.db import read_session
 from service.dbmodels import AuditRecord
 
 DECISIONS = ("match", "no_match", "rejected")
+log = logging.getLogger("idverify.console")
 FILTER_FIELDS = ("since", "until", "decision", "device_id", "reference", "error_code", "min_score", "max_score")
 PAGE_SIZES = (25, 50, 100, 200)
 OVERVIEW_DEFAULT_DAYS = 7
@@ -234,26 +236,51 @@ class ChainRun:
 
 
 class ChainCache:
-    """The last full verification of the chain (one per app; one run at a time)."""
+    """The last full verification of the chain (one per app; one run at a time). Pages that
+    only show the state (the list, a record) start a refresh in the background when the last
+    result is older than `max_age_s`, and show the last one meanwhile."""
 
     def __init__(self, max_age_s: float = 300.0):
         self.max_age_s = max_age_s
         self.last: ChainRun | None = None
         self._lock = threading.Lock()
 
+    @property
+    def running(self) -> bool:
+        return self._lock.locked()
+
+    def _verify(self, engine: Engine) -> ChainRun:
+        t0 = time.perf_counter()
+        report = audit.verify_chain(engine)
+        self.last = ChainRun(report, datetime.now(timezone.utc), time.perf_counter() - t0)
+        return self.last
+
     def run(self, engine: Engine) -> ChainRun:
         with self._lock:
-            t0 = time.perf_counter()
-            report = audit.verify_chain(engine)
-            self.last = ChainRun(report, datetime.now(timezone.utc), time.perf_counter() - t0)
-            return self.last
+            return self._verify(engine)
 
-    def current(self, engine: Engine, refresh_if_stale: bool = True) -> ChainRun | None:
+    def _background(self, engine: Engine) -> None:
+        try:
+            self._verify(engine)
+        except Exception:  # noqa: BLE001 - shown as "not verified yet"; the chain page reports errors
+            log.exception("background chain verification failed")
+        finally:
+            self._lock.release()
+
+    def stale(self) -> bool:
         last = self.last
-        if refresh_if_stale and (last is None or
-                                 (datetime.now(timezone.utc) - last.finished_at).total_seconds() > self.max_age_s):
+        return last is None or (datetime.now(timezone.utc) - last.finished_at).total_seconds() > self.max_age_s
+
+    def current(self, engine: Engine, refresh: str = "sync") -> ChainRun | None:
+        """The last result; when stale, refresh first (`sync`), start a refresh and return the
+        last result (`background`), or just return it (`never`)."""
+        if refresh == "never" or not self.stale():
+            return self.last
+        if refresh == "sync":
             return self.run(engine)
-        return last
+        if self._lock.acquire(blocking=False):
+            threading.Thread(target=self._background, args=(engine,), name="chain-verify", daemon=True).start()
+        return self.last
 
 
 @dataclass

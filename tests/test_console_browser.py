@@ -1,0 +1,216 @@
+"""The console in a real browser: headless Chromium from Debian's `chromium` package, driven by
+Selenium through Debian's /usr/bin/chromedriver (nothing is downloaded). The real app is served by
+uvicorn on a free port over a temporary SQLite database with image retention on; its records come
+from real /verify calls through the real pipeline (LFW pairs when ../shared/data is there, else
+insightface's bundled photos), or, only when the models cannot be loaded, from the audit writer.
+
+Flow: sign in with an operator key, filter to no-matches, export the CSV, open a record (its
+retained images render), look at the overview, sign out. Screenshots of the list, a record and
+the overview go to reports/screenshots/. Skipped, with the reason, when /usr/bin/chromium is absent
+(.ci/run installs it).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from console_support import FALLBACK_THRESHOLD, lfw_pairs, real_pipeline, seed
+from service import keys, retention
+from service.app import create_app
+from service.db import make_engine, migrate
+from service.settings import Settings
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "reports" / "screenshots"
+
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed "
+                       "(apt-get install -y chromium chromium-driver); .ci/run installs it"),
+    pytest.mark.skipif(not CHROMEDRIVER.exists(), reason="/usr/bin/chromedriver is missing "
+                       "(apt-get install -y chromium-driver)"),
+]
+
+
+def _photo_pairs(request) -> list[tuple[str, bytes, bytes]]:
+    try:
+        lfw = request.getfixturevalue("lfw")
+        return [(kind, a.read_bytes(), b.read_bytes()) for kind, a, b in lfw_pairs(lfw, same=4, different=5)]
+    except pytest.skip.Exception:
+        images = request.getfixturevalue("bundled_images")
+        chip = (images / "Tom_Hanks_54745.png").read_bytes()
+        return [("bundled", chip, (images / n).read_bytes()) for n in ("Tom_Hanks_54745.png", "t1.jpg", "mask_white.jpg")]
+
+
+def _blank_jpeg() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (320, 240), (128, 140, 150)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def console_site(request, tmp_path, live_server):
+    """(base URL, operator key, how the records were made) of a served app with records."""
+    url = f"sqlite:///{tmp_path / 'console.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    kiosk = keys.create_key(engine, "kiosk", "lobby-kiosk")[1]
+    operator = keys.create_key(engine, "operator", "Dana (operator)")[1]
+    pipeline = real_pipeline(request)
+    if pipeline is not None and pipeline.threshold.far is None:
+        # uncalibrated towers (conftest then uses threshold 0.5, under which every pair matches):
+        # a view of the same pipeline with a fixed threshold, so the list has no-matches to filter
+        import copy
+
+        from service.decide import Threshold
+
+        pipeline = copy.copy(pipeline)
+        pipeline.threshold = Threshold(score=FALLBACK_THRESHOLD, far=None)
+    app = create_app(Settings(database_url=url, retain_images=True, image_key=retention.generate_key()),
+                     pipeline=pipeline or object())
+    base = live_server(app)
+    if pipeline is None:
+        app.state.pipeline = None
+        seed(engine, key_id=keys.lookup(engine, kiosk).id)
+        made = "audit writer (models not loadable)"
+    else:
+        import httpx
+
+        calls = _photo_pairs(request) + [("no face", _blank_jpeg(), _blank_jpeg())]
+        with httpx.Client(base_url=base, timeout=120) as client:
+            for i, (kind, id_photo, live_photo) in enumerate(calls):
+                r = client.post("/verify", headers={"X-API-Key": kiosk},
+                                files={"id_photo": ("chip.jpg", id_photo), "live_photo": ("live.jpg", live_photo)},
+                                data={"device_id": f"kiosk-{1 + i % 3}", "reference": f"case-{1000 + i} ({kind})"})
+                assert r.status_code in (200, 422), r.text
+        made = "real /verify calls"
+    engine.dispose()
+    return base, operator, made
+
+
+@pytest.fixture
+def browser(tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
+    from selenium.webdriver.chrome.service import Service
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,860",
+                 "--lang=en-GB"):
+        opts.add_argument(flag)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                           "download.prompt_for_download": False,
+                                           "safebrowsing.enabled": False})
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.implicitly_wait(0)
+    driver.downloads = downloads
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(condition, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _full_page_screenshot(d, path: Path) -> None:
+    width, height = d.get_window_size()["width"], d.get_window_size()["height"]
+    page_h = d.execute_script("return document.documentElement.scrollHeight")
+    inner_h = d.execute_script("return window.innerHeight")
+    d.set_window_size(width, min(page_h + (height - inner_h), 4000))
+    try:
+        d.save_screenshot(str(path))
+    finally:
+        d.set_window_size(width, height)
+
+
+def test_console_in_headless_chromium(console_site, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    base, operator_key, made = console_site
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    d = browser
+
+    # not signed in: the console sends us to the sign-in page
+    d.get(f"{base}/console")
+    assert "/console/login" in d.current_url
+    d.find_element(By.ID, "key").send_keys(operator_key)
+    d.find_element(By.ID, "sign-in").click()
+    _wait(lambda: d.current_url.rstrip("/").endswith("/console"), what="the records list")
+    assert operator_key not in d.current_url and operator_key not in d.page_source
+    assert "Dana (operator)" in d.find_element(By.CSS_SELECTOR, "header .who").text
+    # the session cookie is HttpOnly: page scripts cannot read it
+    assert "idv_console" not in d.execute_script("return document.cookie")
+    all_rows = d.find_elements(By.CSS_SELECTOR, "#records tbody tr")
+    assert len(all_rows) >= 8, made
+    # the first list view starts a verification of the chain in the background; reload for it
+    _wait(lambda: d.refresh() or "chain verified OK up to seq" in d.find_element(By.ID, "chain-state").text,
+          what="the chain state on the list")
+    d.save_screenshot(str(SHOTS / "console-list.png"))
+
+    # filter to no-matches
+    Select(d.find_element(By.ID, "f-decision")).select_by_value("no_match")
+    d.find_element(By.ID, "apply-filters").click()
+    _wait(lambda: "decision=no_match" in d.current_url, what="the filtered list")
+    decisions = [e.text for e in d.find_elements(By.CSS_SELECTOR, "#records tbody td .dec")]
+    assert decisions and set(decisions) == {"no_match"}, decisions
+    assert f"{len(decisions)} record" in d.find_element(By.ID, "counts").text
+
+    # export the filtered list as CSV (a real download)
+    d.find_element(By.ID, "export-csv").click()
+    csv_file = _wait(lambda: next((p for p in d.downloads.glob("*.csv")), None), what="the CSV download")
+    _wait(lambda: not list(d.downloads.glob("*.crdownload")) and csv_file.stat().st_size > 0, what="download end")
+    rows = list(csv.DictReader(io.StringIO(csv_file.read_text(encoding="utf-8"))))
+    assert len(rows) == len(decisions) and {r["decision"] for r in rows} == {"no_match"}
+    assert all(len(r["record_hash"]) == 64 for r in rows)
+
+    # open the newest no-match
+    d.find_elements(By.CSS_SELECTOR, "#records a.open")[0].click()
+    _wait(lambda: "/console/records/" in d.current_url, what="the record page")
+    assert rows[0]["id"] in d.page_source
+    assert d.find_element(By.ID, "record-chain").text == "chain links OK"
+    images = d.find_elements(By.CSS_SELECTOR, "img.retained")
+    if made == "real /verify calls":
+        assert len(images) == 2
+        _wait(lambda: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)
+                          for i in images), what="the retained images")
+    _full_page_screenshot(d, SHOTS / "console-detail.png")
+
+    # overview
+    d.find_element(By.LINK_TEXT, "Overview").click()
+    _wait(lambda: "/console/overview" in d.current_url, what="the overview")
+    assert len(d.find_elements(By.CSS_SELECTOR, "section.chart svg")) == 4
+    assert "threshold" in d.page_source
+    _full_page_screenshot(d, SHOTS / "console-overview.png")
+
+    # chain state, then sign out
+    d.find_element(By.LINK_TEXT, "Chain").click()
+    _wait(lambda: "/console/chain" in d.current_url, what="the chain page")
+    assert d.find_element(By.ID, "chain-state").text.startswith("Verified OK up to seq")
+    d.find_element(By.ID, "sign-out").click()
+    _wait(lambda: "/console/login" in d.current_url, what="the sign-in page after sign-out")
+    d.get(f"{base}/console")
+    assert "/console/login" in d.current_url
+    assert not [c for c in d.get_cookies() if c["name"] == "idv_console"]
