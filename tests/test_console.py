@@ -335,3 +335,19 @@ def test_console_does_not_break_the_api(client, engine, role_keys):
     seed(engine)
     r = client.get("/audit", headers={"X-API-Key": role_keys["operator"]})
     assert r.status_code == 200 and len(r.json()["items"]) == 18
+
+
+def test_oversized_or_odd_forms_are_refused(client, role_keys):
+    page = client.get("/console/login")
+    token = csrf_from(page.text)
+    big = {"key": "x" * 20_000, "csrf_token": token}
+    assert client.post("/console/login", data=big, follow_redirects=False).status_code == 413
+    many = {f"f{i}": "1" for i in range(50)} | {"csrf_token": token}
+    assert client.post("/console/login", data=many, follow_redirects=False).status_code == 413
+    # multipart is not one of the console's forms: no token is read from it
+    r = client.post("/console/login", files={"key": ("k", role_keys["operator"].encode())},
+                    data={"csrf_token": token}, follow_redirects=False)
+    assert r.status_code == 403
+    sign_in(client, role_keys["operator"])
+    assert client.post("/console/logout", data={"csrf_token": "x" * 20_000},
+                       follow_redirects=False).status_code == 413

@@ -142,6 +142,8 @@ def test_console_shows_the_retained_images_with_their_boxes(retaining_client, en
     page = client.get(f"/console/records/{audit_id}")
     assert f'src="/console/records/{audit_id}/images/id"' in page.text
     assert f'src="/console/records/{audit_id}/images/live"' in page.text
+    until = audit.utc(audit.get(engine, audit_id).retain_until).strftime("%Y-%m-%d %H:%M UTC")
+    assert f"Images retained until {until}" in page.text
     record = audit.get(engine, audit_id)
     for side in ("id", "live"):
         r = client.get(f"/console/records/{audit_id}/images/{side}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -113,13 +113,43 @@ def _safe_next(request: Request, value: str | None) -> str:
     return base
 
 
+MAX_FORM_BYTES = 16 * 1024
+
+
+async def _read_form(request: Request) -> dict[str, str] | None:
+    """The console's forms are small and urlencoded: read at most MAX_FORM_BYTES (None beyond
+    that), whatever Content-Length says; any other content type reads as an empty form."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/x-www-form-urlencoded":
+        return {}
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_FORM_BYTES:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return None
+    parsed = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=20)
+    return {k: v[0] for k, v in parsed.items()}
+
+
+def _too_large(request: Request, principal) -> Response:
+    return _message(request, principal, 413, "Too large", "That form submission is too large.")
+
+
 async def _post_guard(request: Request) -> tuple[sessions.Principal | None, object, Response | None]:
     """For signed-in POSTs: (principal, form, None), or an error response (401 without a
     session, 403 without the session's CSRF token)."""
     principal = await run_in_threadpool(_principal, request)
     if principal is None:
         return None, None, _message(request, None, 401, "Not signed in", "Sign in first.")
-    form = await request.form()
+    try:
+        form = await _read_form(request)
+    except ValueError:  # more than max_num_fields
+        form = None
+    if form is None:
+        return principal, None, _too_large(request, principal)
     if not csrf.matches(principal.csrf_token, form.get(csrf.FIELD)):
         return principal, form, _message(request, principal, 403, "Forbidden",
                                          "The form's security token is missing or stale. Reload the page and try again.")
@@ -152,7 +182,12 @@ def login_form(request: Request) -> Response:
 
 @router.post("/login")
 async def login(request: Request) -> Response:
-    form = await request.form()
+    try:
+        form = await _read_form(request)
+    except ValueError:
+        form = None
+    if form is None:
+        return _too_large(request, None)
     if not csrf.matches(request.cookies.get(csrf.LOGIN_COOKIE), form.get(csrf.FIELD)):
         return _login_page(request, 403, "The sign-in form expired. Please try again.")
     plaintext = form.get("key")
@@ -170,8 +205,7 @@ async def login(request: Request) -> Response:
                                          "use an operator or admin key.")
     value = await run_in_threadpool(sessions.create, state.engine, key, state.settings.console_session_minutes)
     log.info("console sign-in: key %d (%s, %s)", key.id, key.role, key.prefix)
-    response = RedirectResponse(_safe_next(request, form.get("next") if isinstance(form.get("next"), str) else None),
-                                status_code=303)
+    response = RedirectResponse(_safe_next(request, form.get("next")), status_code=303)
     response.set_cookie(sessions.COOKIE, value, path=_base(request), httponly=True, samesite="strict",
                         secure=_secure_cookie(request))
     response.delete_cookie(csrf.LOGIN_COOKIE, path=_base(request))
@@ -260,6 +294,7 @@ def record_detail(record_id: str, request: Request) -> Response:
         chain_state=stats.record_chain_state(state.engine, record, chain_run), chain=chain_run,
         images={side: f"{_base(request)}/records/{record.id}/images/{side}" for side in sides},
         retain_on=state.settings.retain_images, can_decrypt=getattr(state, "image_cipher", None) is not None,
+        retain_until=audit.utc(record.retain_until).strftime("%Y-%m-%d %H:%M UTC") if record.retain_until else None,
     )
 
 
