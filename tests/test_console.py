@@ -351,3 +351,24 @@ def test_oversized_or_odd_forms_are_refused(client, role_keys):
     sign_in(client, role_keys["operator"])
     assert client.post("/console/logout", data={"csrf_token": "x" * 20_000},
                        follow_redirects=False).status_code == 413
+
+
+def test_sign_in_returns_to_the_page_asked_for(client, engine, role_keys):
+    records = seed(engine)
+    target = f"/console/records/{records[2].id}"
+    r = client.get(target, follow_redirects=False)
+    login = client.get(r.headers["location"])
+    assert f'name="next" value="{target}"' in login.text
+    token = csrf_from(login.text)
+    wrong = client.post("/console/login", data={"key": "idv_nope", "csrf_token": token, "next": target})
+    assert wrong.status_code == 401 and f'name="next" value="{target}"' in wrong.text
+    r = client.post("/console/login", data={"key": role_keys["operator"], "csrf_token": token, "next": target},
+                    follow_redirects=False)
+    assert r.headers["location"] == target
+    # never off-site
+    for evil in ("https://evil.example/console", "//evil.example/console", "/console:@evil"):
+        client.cookies.clear()
+        page = client.get("/console/login")
+        r = client.post("/console/login", data={"key": role_keys["operator"], "csrf_token": csrf_from(page.text),
+                                                "next": evil}, follow_redirects=False)
+        assert r.headers["location"] == "/console", evil

@@ -164,10 +164,10 @@ def _qs(raw: dict[str, str], **extra) -> str:
 
 # --- sign-in / sign-out ---------------------------------------------------------------------
 
-def _login_page(request: Request, status: int = 200, error: str | None = None) -> Response:
+def _login_page(request: Request, status: int = 200, error: str | None = None, next_path: str | None = None) -> Response:
     token = request.cookies.get(csrf.LOGIN_COOKIE) or csrf.new_token()
-    response = _render(request, "login.html", None, status=status, title="Sign in", error=error,
-                       login_token=token, next=_safe_next(request, request.query_params.get("next")))
+    response = _render(request, "login.html", None, status=status, title="Sign in", error=error, login_token=token,
+                       next=_safe_next(request, next_path or request.query_params.get("next")))
     response.set_cookie(csrf.LOGIN_COOKIE, token, max_age=csrf.LOGIN_COOKIE_SECONDS, path=_base(request),
                         httponly=True, samesite="strict", secure=_secure_cookie(request))
     return response
@@ -189,7 +189,7 @@ async def login(request: Request) -> Response:
     if form is None:
         return _too_large(request, None)
     if not csrf.matches(request.cookies.get(csrf.LOGIN_COOKIE), form.get(csrf.FIELD)):
-        return _login_page(request, 403, "The sign-in form expired. Please try again.")
+        return _login_page(request, 403, "The sign-in form expired. Please try again.", form.get("next"))
     plaintext = form.get("key")
     state = _state(request)
     key: ApiKey | None = None
@@ -198,11 +198,11 @@ async def login(request: Request) -> Response:
     del plaintext
     if key is None:
         log.info("console sign-in refused: unknown or revoked key")
-        return _login_page(request, 401, "That key is not valid (unknown or revoked).")
+        return _login_page(request, 401, "That key is not valid (unknown or revoked).", form.get("next"))
     if not sessions.may_sign_in(key):
         log.info("console sign-in refused for key %d (%s): role may not use the console", key.id, key.role)
         return _login_page(request, 403, f"A {key.role} key cannot sign in to the console; "
-                                         "use an operator or admin key.")
+                                         "use an operator or admin key.", form.get("next"))
     value = await run_in_threadpool(sessions.create, state.engine, key, state.settings.console_session_minutes)
     log.info("console sign-in: key %d (%s, %s)", key.id, key.role, key.prefix)
     response = RedirectResponse(_safe_next(request, form.get("next")), status_code=303)
