@@ -204,7 +204,7 @@ async def login(request: Request) -> Response:
         return _login_page(request, 403, f"A {key.role} key cannot sign in to the console; "
                                          "use an operator or admin key.", form.get("next"))
     value = await run_in_threadpool(sessions.create, state.engine, key, state.settings.console_session_minutes)
-    log.info("console sign-in: key %d (%s, %s)", key.id, key.role, key.prefix)
+    log.info("console sign-in: key %d (%s)", key.id, key.role)
     response = RedirectResponse(_safe_next(request, form.get("next")), status_code=303)
     response.set_cookie(sessions.COOKIE, value, path=_base(request), httponly=True, samesite="strict",
                         secure=_secure_cookie(request))
