@@ -237,6 +237,13 @@ def test_small_real_run_writes_report(pipeline, tmp_path, protocol):
     assert "commit" in data["git"] and data["timestamp"]
     # on easy, clean pairs the towers should get most of them right
     assert report["accuracy"]["mean"] >= 0.5
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nother text\n")
+    ev.write_docs_section(report, out, doc=doc)
+    ev.write_docs_section(report, out, doc=doc)           # replaces its own section, once
+    text = doc.read_text()
+    assert text.count(f"idverify eval {protocol} folds 1:start") == 1 and "other text" in text
+    assert "| 0.001 |" in text
     if protocol == "lfw-ivs":
         assert data["sides"] == {"first_column": "id", "second_column": "live"}
         assert 850 <= data["chipsim"]["bytes"]["mean"] <= 1150
