@@ -278,7 +278,7 @@ def roc_points(genuine_scores, impostor_scores, n_points: int = 400) -> dict:
     gen = np.sort(np.asarray(genuine_scores, dtype=np.float64))
     imp = impostor_scores if isinstance(impostor_scores, ScoreSet) else ScoreSet(impostor_scores)
     if imp.n == 0 or gen.size == 0:
-        return {"far": [], "tar": [], "threshold": []}
+        return {"far": [], "tar": [], "threshold": [], "n_genuine": int(gen.size), "n_impostors": imp.n}
     grid = np.unique(np.concatenate([np.logspace(math.log10(1.0 / imp.n), 0.0, n_points), [1.0 / imp.n]]))
     fars, tars, thrs = [], [], []
     for f in grid:
@@ -287,7 +287,7 @@ def roc_points(genuine_scores, impostor_scores, n_points: int = 400) -> dict:
         tars.append(float((gen.size - np.searchsorted(gen, t, side="left")) / gen.size))
         fars.append(r["far"])
         thrs.append(t)
-    return {"far": fars, "tar": tars, "threshold": thrs}
+    return {"far": fars, "tar": tars, "threshold": thrs, "n_genuine": int(gen.size), "n_impostors": imp.n}
 
 
 def plot_curves(curves: dict[str, dict], out_dir: Path, title: str) -> dict[str, str]:
@@ -317,19 +317,22 @@ def plot_curves(curves: dict[str, dict], out_dir: Path, title: str) -> dict[str,
     fig.savefig(roc)
     plt.close(fig)
 
-    fmins = [min((f for f in c["far"] if f > 0), default=1e-6) for c in curves.values()]
-    eps = max(1e-7, min(fmins + [1e-3]) / 2)
-    ticks = [t for t in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5) if t >= eps]
+    # axes down to half the resolution of the counts (FMR 1/N_impostor, FNMR 1/N_genuine)
+    x_lo = max(1e-7, min([0.5 / max(1, c.get("n_impostors", 0)) for c in curves.values()] + [1e-3]))
+    y_lo = max(1e-7, min([0.5 / max(1, c.get("n_genuine", 0)) for c in curves.values()] + [1e-2]))
+    eps = min(x_lo, y_lo)
+    all_ticks = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5)
     fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
     for label, c in curves.items():
-        far = np.clip(np.asarray(c["far"]), eps, 1 - eps)
-        fnmr = np.clip(1.0 - np.asarray(c["tar"]), eps, 1 - eps)
+        far = np.clip(np.asarray(c["far"]), x_lo, 1 - eps)
+        fnmr = np.clip(1.0 - np.asarray(c["tar"]), y_lo, 1 - eps)
         ax.plot(norm.ppf(far), norm.ppf(fnmr), label=label)
-    tv = norm.ppf(ticks)
-    ax.set_xticks(tv, [f"{t:g}" for t in ticks])
-    ax.set_yticks(tv, [f"{t:g}" for t in ticks])
-    ax.set_xlim(norm.ppf(eps), norm.ppf(0.5))
-    ax.set_ylim(norm.ppf(eps), norm.ppf(0.5))
+    xt = [t for t in all_ticks if t >= x_lo]
+    yt = [t for t in all_ticks if t >= y_lo]
+    ax.set_xticks(norm.ppf(xt), [f"{t:g}" for t in xt])
+    ax.set_yticks(norm.ppf(yt), [f"{t:g}" for t in yt])
+    ax.set_xlim(norm.ppf(x_lo), norm.ppf(0.5))
+    ax.set_ylim(norm.ppf(y_lo), norm.ppf(0.5))
     ax.set_xlabel("FMR (false match rate)")
     ax.set_ylabel("FNMR (false non-match rate)")
     ax.grid(True, alpha=0.4)
