@@ -551,6 +551,7 @@ def evaluate(protocol: str, folds: list[int], pipeline, data_dir: Path | str, *,
     pairs = select_pairs(read_pairs(pairs_path), list(folds), limit)
     if not pairs:
         raise ValueError("no pairs selected")
+    git = _git_commit()  # the code that runs, not what HEAD is when the run ends
     side_a = "id" if protocol == "lfw-ivs" else "live"
     side_b = "live"
     if embedder is None:
@@ -661,7 +662,7 @@ def evaluate(protocol: str, folds: list[int], pipeline, data_dir: Path | str, *,
         "command": command if command is not None else " ".join(sys.argv),
         "argv": list(sys.argv),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git": _git_commit(),
+        "git": git,
         "data_dir": str(data_dir),
         "pairs_sha256": hashlib.sha256(pairs_path.read_bytes()).hexdigest(),
         **_pipeline_info(pipeline),
