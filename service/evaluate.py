@@ -360,11 +360,13 @@ class Embedder:
     """
 
     def __init__(self, pipeline, data_dir: Path, *, seed: int = 0, chip_landmarks: str = "fixed",
+                 chip_encoding: str = "rgb",
                  batch_size: int = 32, progress: bool = True):
         self.pipeline = pipeline
         self.images_dir = Path(data_dir) / "lfw" / "images"
         self.seed = int(seed)
         self.chip_landmarks = chip_landmarks
+        self.chip_encoding = chip_encoding
         self.batch_size = max(1, int(batch_size))
         self.progress = progress
         self.timings: dict[str, float] = {}   # stage -> total ms
@@ -396,7 +398,8 @@ class Embedder:
                 landmarks = select_face(faces, img.shape).landmarks
             else:
                 self.chip_fallbacks += 1
-        data = chipsim.simulate_chip(img, landmarks, chipsim.chip_rng(f"lfw/images/{rel}", self.seed))
+        data = chipsim.simulate_chip(img, landmarks, chipsim.chip_rng(f"lfw/images/{rel}", self.seed),
+                                     encoding=self.chip_encoding)
         self._add("chipsim", (time.perf_counter() - t0) * 1e3)
         self.chip_bytes.append(len(data))
         return data
@@ -540,7 +543,7 @@ def _pipeline_info(pipeline) -> dict:
 def evaluate(protocol: str, folds: list[int], pipeline, data_dir: Path | str, *,
              limit: int | None = None, extended_impostors: bool = True, seed: int = 0,
              out: Path | str | None = None, batch_size: int = 32, progress: bool = True,
-             chip_landmarks: str = "fixed", embedder: Embedder | None = None,
+             chip_landmarks: str = "fixed", chip_encoding: str = "rgb", embedder: Embedder | None = None,
              command: str | None = None) -> dict:
     """Run one protocol over `folds`; returns the report dict (and writes it to `out` if given).
     Pass an `embedder` to reuse embeddings across calls (e.g. several protocols/fold sets)."""
@@ -555,7 +558,7 @@ def evaluate(protocol: str, folds: list[int], pipeline, data_dir: Path | str, *,
     side_a = "id" if protocol == "lfw-ivs" else "live"
     side_b = "live"
     if embedder is None:
-        embedder = Embedder(pipeline, data_dir, seed=seed, chip_landmarks=chip_landmarks,
+        embedder = Embedder(pipeline, data_dir, seed=seed, chip_landmarks=chip_landmarks, chip_encoding=chip_encoding,
                             batch_size=batch_size, progress=progress)
 
     rel_a = sorted({image_relpath(p.a) for p in pairs})
@@ -647,7 +650,7 @@ def evaluate(protocol: str, folds: list[int], pipeline, data_dir: Path | str, *,
     if side_a == "id":
         from service import chipsim
         cb = np.array(embedder.chip_bytes) if embedder.chip_bytes else np.zeros(0)
-        chip_info = {"version": chipsim.CHIPSIM_VERSION, "size": [chipsim.CHIP_W, chipsim.CHIP_H],
+        chip_info = {"version": chipsim.ENCODINGS[embedder.chip_encoding][0], "encoding": embedder.chip_encoding, "size": [chipsim.CHIP_W, chipsim.CHIP_H],
                      "target_bytes": chipsim.TARGET_BYTES, "params": chipsim.PARAMS,
                      "landmarks": embedder.chip_landmarks, "landmark_fallbacks": embedder.chip_fallbacks,
                      "bytes": {"mean": float(cb.mean()) if cb.size else None,
@@ -779,6 +782,8 @@ def register(sub) -> None:
                         "or only the mismatched pairs of pairs.txt")
     p.add_argument("--seed", type=int, default=0, help="global seed of the chip simulator")
     p.add_argument("--chip-landmarks", choices=("fixed", "detect"), default="fixed")
+    p.add_argument("--chip-encoding", choices=("rgb", "ycc"), default="rgb",
+                   help="JPEG2000 colour handling of simulated chips: rgb (harsher, default) or ycc (see service/chipsim.py)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--write-docs", action="store_true",
@@ -793,7 +798,8 @@ def run_cli(args) -> int:
     data_dir = Path(args.data_dir) if args.data_dir else Path(settings.data_dir)
     folds = parse_folds(args.folds or DEFAULT_FOLDS[args.protocol])
     fold_tag = "-".join(map(str, folds)) if len(folds) < 10 else "1-10"
-    out = Path(args.out) if args.out else ROOT / "reports" / f"{args.protocol}-folds{fold_tag}"
+    tag = f"{args.protocol}-folds{fold_tag}" + ("-ycc" if args.protocol == "lfw-ivs" and args.chip_encoding == "ycc" else "")
+    out = Path(args.out) if args.out else ROOT / "reports" / tag
     if not (data_dir / "lfw" / "pairs.txt").exists():
         print(f"error: {data_dir / 'lfw' / 'pairs.txt'} not found (set --data-dir or IDV_DATA_DIR)", file=sys.stderr)
         return 2
@@ -806,7 +812,7 @@ def run_cli(args) -> int:
     report = evaluate(args.protocol, folds, pipeline, data_dir, limit=args.limit,
                       extended_impostors=args.extended_impostors, seed=args.seed, out=out,
                       batch_size=args.batch_size, progress=not args.no_progress,
-                      chip_landmarks=args.chip_landmarks,
+                      chip_landmarks=args.chip_landmarks, chip_encoding=args.chip_encoding,
                       command="idverify " + " ".join(sys.argv[1:]))
     for line in summary_lines(report):
         print(line)

@@ -54,6 +54,18 @@ def test_format_size_and_dims(seed):
     assert decoded.shape == (126, 102, 3) and decoded.dtype == np.uint8
 
 
+def test_encodings_differ_and_both_fit_the_size():
+    """rgb (no colour transform, the default) and ycc (YCbCr transform) encode the same drawn
+    chip differently, both within the size window; the default is rgb."""
+    img = _synthetic_face()
+    rgb = chipsim.simulate_chip_ex(img, None, chipsim.chip_rng("k", 3))
+    ycc = chipsim.simulate_chip_ex(img, None, chipsim.chip_rng("k", 3), encoding="ycc")
+    assert rgb.params["encoding"] == "rgb" and rgb.params["version"] == chipsim.CHIPSIM_VERSION == "chipsim-1"
+    assert ycc.params["version"] == "chipsim-2" and rgb.data != ycc.data
+    lo, hi = chipsim.TARGET_BYTES * (1 - chipsim.TARGET_TOLERANCE), chipsim.TARGET_BYTES * (1 + chipsim.TARGET_TOLERANCE)
+    assert lo <= len(rgb.data) <= hi and lo <= len(ycc.data) <= hi
+
+
 def test_landmarks_place_eyes_icao():
     """Given landmarks, the eyes land at the ICAO-ish positions (within the jitter): eye
     distance 0.25 x width, midpoint (51, 60)."""
