@@ -82,8 +82,9 @@ def load_towers(models_dir: Path, name: str, version: str, providers: list[str],
     paths = {side: verify_file(folder, entry) for side, entry in towers.items()}
     if isinstance(manifest.get("calibration"), str):
         verify_file(folder, {"file": manifest["calibration"], "sha256": manifest["calibration_sha256"]})
+    flip = bool((manifest.get("test_time") or {}).get("flip_average", False))
     sessions: dict[Path, Tower] = {}
     for p in paths.values():  # identical towers share one session
         if p not in sessions:
-            sessions[p] = Tower(p, providers, threads)
+            sessions[p] = Tower(p, providers, threads, flip_average=flip)
     return Towers(id=sessions[paths["id"]], live=sessions[paths["live"]], manifest=manifest, folder=folder)
