@@ -354,8 +354,8 @@ FIELD = {"id": "id_photo", "live": "live_photo"}
 class Embedder:
     """Runs (image, side) items through the pipeline once each and keeps the embeddings.
 
-    Mirrors `Pipeline.analyse` (decode -> detect -> select -> size check -> align -> tower) but
-    embeds the aligned chips in batches; `tests/test_evaluate.py` checks that the result equals
+    Uses `Pipeline.prepare` (decode -> detect -> select -> size check -> align) and embeds the
+    aligned chips in batches; `tests/test_evaluate.py` checks that the result equals
     `analyse(...).embedding`. The id side gets simulated chip bytes, the live side the file bytes.
     """
 
@@ -405,28 +405,13 @@ class Embedder:
         return data
 
     def prepare(self, data: bytes, field: str) -> np.ndarray:
-        """decode -> detect -> select -> size check -> align, as Pipeline.analyse does."""
-        from service.align import align
-        from service.decode import decode_image
-        from service.detect import select_face
-        from service.errors import FACE_TOO_SMALL, NO_FACE, ApiError
-
-        p = self.pipeline
-        t0 = time.perf_counter()
-        image = decode_image(data, field, p.settings)
-        t1 = time.perf_counter()
-        faces = p.detector.detect(image)
-        t2 = time.perf_counter()
-        self._add("decode", (t1 - t0) * 1e3)
-        self._add("detect", (t2 - t1) * 1e3)
-        if not faces:
-            raise ApiError(NO_FACE, "no face was found in the image", field, status=422)
-        face = select_face(faces, image.shape)
-        if float(face.box[2] - face.box[0]) < p.settings.min_face_px:
-            raise ApiError(FACE_TOO_SMALL, "face too small", field, status=422)
-        chip = align(image, face.landmarks, p.template, p.chip_size)
-        self._add("align", (time.perf_counter() - t2) * 1e3)
-        return chip
+        """decode -> detect -> select -> size check -> align: `Pipeline.prepare`, timed here."""
+        timings: dict[str, float] = {}
+        try:
+            return self.pipeline.prepare(data, field, timings)[1]
+        finally:
+            for stage, ms in timings.items():
+                self._add(stage, ms)
 
     def _flush(self, side: str, keys: list, chips: list) -> None:
         if not chips:

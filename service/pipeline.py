@@ -39,11 +39,16 @@ def timed(timings: dict[str, float], stage: str):
 @dataclass
 class Side:
     sha256: str
-    faces_seen: int = 0
+    faces_seen: int | None = None  # None: detection never ran on it
     face: Face | None = None
     face_px: float = 0.0
     quality: dict = dc_field(default_factory=dict)
     embedding: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, data: bytes) -> "Side":
+        """What is known of an image before any analysis: its SHA-256."""
+        return cls(sha256=hashlib.sha256(data).hexdigest())
 
     def to_public(self) -> dict:
         f = self.face
@@ -94,10 +99,21 @@ class Pipeline:
 
     def analyse(self, data: bytes, field: str, timings: dict[str, float]) -> Side:
         """One image, one side: decode, detect, align, embed. Raises ApiError on input the
-        caller can fix; the Side carries what was seen so far for the audit trail."""
-        side = Side(sha256=hashlib.sha256(data).hexdigest())
+        caller can fix; the error carries what was seen so far (`.side`) for the audit trail."""
+        side, chip = self.prepare(data, field, timings)
+        with timed(timings, "embed"):
+            side.embedding = self.tower(field).embed(chip)[0]
+        return side
+
+    def prepare(self, data: bytes, field: str, timings: dict[str, float]) -> tuple[Side, np.ndarray]:
+        """decode -> detect -> select -> size check -> align: the Side so far and the aligned
+        chip, ready for the tower (evaluation batches many chips through it)."""
+        side = Side.of(data)
         with timed(timings, "decode"):
-            image = decode_image(data, field, self.settings)
+            try:
+                image = decode_image(data, field, self.settings)
+            except ApiError as exc:
+                raise exc.with_side(side)
         with timed(timings, "detect"):
             faces = self.detector.detect(image)
         side.faces_seen = len(faces)
@@ -112,9 +128,7 @@ class Pipeline:
         with timed(timings, "align"):
             chip = align(image, face.landmarks, self.template, self.chip_size)
         side.quality = quality.assess(chip, face.landmarks, side.face_px, side.faces_seen)
-        with timed(timings, "embed"):
-            side.embedding = self.tower(field).embed(chip)[0]
-        return side
+        return side, chip
 
     def compare(self, id_side: Side, live_side: Side) -> float:
         return similarity(id_side.embedding, live_side.embedding)

@@ -4,7 +4,11 @@ The table is measured on LFW-IvS impostors (simulated chip vs live) of identitie
 reserved folds 9-10, and written as <version>/calibration.json with its SHA-256 in the manifest;
 the service places its threshold from it (IDV_FAR_TARGET). Folds 9-10 are never used here.
 
-    .venv/bin/python -m models.build.calibrate --version baseline [--folds 1-8]
+    .venv/bin/python -m models.build.calibrate --version baseline [--folds 1-8] [--measure]
+
+With --measure it then runs the evaluation protocols (LFW 10-fold; LFW-IvS folds 9-10 with
+both chip encodings) and records their figures in the manifest's `metrics`. Nothing is chosen
+on folds 9-10: they are only measured.
 """
 from __future__ import annotations
 
@@ -35,11 +39,44 @@ def write_calibration(folder: Path, report: dict, source: str) -> dict:
     return manifest
 
 
+def summarise(report: dict) -> dict:
+    return {
+        "accuracy": round(report["accuracy"]["mean"], 5),
+        "tar_at_far": {f"{r['far_target']:.0e}": round(r["tar"], 4) for r in report["tar_at_far"]},
+        "pairs": report["counts"]["pairs"],
+        "impostors": report["counts"]["impostor"],
+        "fta": {side: v["failed"] for side, v in report["fta"].items() if isinstance(v, dict) and "failed" in v},
+        "chipsim": (report.get("chipsim") or {}).get("version"),
+        "command": report.get("command"),
+    }
+
+
+def record_metrics(folder: Path, pipeline, data_dir: Path) -> dict:
+    runs = {
+        "lfw_10fold": ("lfw", list(range(1, 11)), "rgb"),
+        "lfw_ivs_folds9-10": ("lfw-ivs", [9, 10], "rgb"),
+        "lfw_ivs_folds9-10_ycc": ("lfw-ivs", [9, 10], "ycc"),
+    }
+    metrics = {}
+    for key, (protocol, folds, encoding) in runs.items():
+        tag = "1-10" if len(folds) == 10 else "9,10"
+        command = f"idverify eval --protocol {protocol} --folds {tag}" + (" --chip-encoding ycc" if encoding == "ycc" else "")
+        report = evaluate(protocol, folds, pipeline, data_dir, chip_encoding=encoding, command=command,
+                          out=Path("reports") / f"{folder.name}-{key}")
+        metrics[key] = summarise(report)
+        print(key, json.dumps(metrics[key]), flush=True)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["metrics"] = metrics
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--version", default="baseline")
     ap.add_argument("--folds", default="1-8")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--measure", action="store_true", help="then record LFW and LFW-IvS metrics in the manifest")
     args = ap.parse_args(argv)
     folds = parse_folds(args.folds)
     if RESERVED & set(folds):
@@ -54,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"View-2 folds {args.folds} identities; never folds 9-10")
     for row in report["calibration"]:
         print(f"FAR {row['far']:.1e}  score >= {row['score']:.5f}")
+    if args.measure:
+        record_metrics(folder, pipeline, settings.data_dir)
     return 0
 
 

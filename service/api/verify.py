@@ -8,7 +8,6 @@ never get their uploads read or parsed.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -21,6 +20,7 @@ from service import audit, retention
 from service.api import deps
 from service.api.verify_input import VerifyInput, read_verify_input
 from service.errors import RATE_LIMITED, ApiError
+from service.pipeline import Side
 
 log = logging.getLogger("idverify.verify")
 router = APIRouter()
@@ -107,7 +107,7 @@ def _write_audit(request: Request, request_id: str, key_id: int, inp: VerifyInpu
     columns: dict = {}
     for field, side in sides.items():
         if side is None and inp is not None:  # never analysed, or failed before the pipeline said what it saw
-            side = _BytesOnly(getattr(inp, field))
+            side = Side.of(getattr(inp, field))
         columns.update(audit.side_columns(field, side))
     if result is None:
         p = request.app.state.pipeline
@@ -121,13 +121,3 @@ def _write_audit(request: Request, request_id: str, key_id: int, inp: VerifyInpu
                  latency_ms=round(latency_ms, 3), timings_ms={k: round(v, 3) for k, v in timings.items()} or None,
                  **columns)
     retention.retain_request(request.app.state, request_id, inp)  # IDV_RETAIN_IMAGES: encrypted uploads
-
-
-class _BytesOnly:
-    """Audit view of an image the pipeline rejected before detection: just its SHA-256."""
-    faces_seen = None
-    face = None
-    quality = None
-
-    def __init__(self, data: bytes):
-        self.sha256 = hashlib.sha256(data).hexdigest()
