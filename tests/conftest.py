@@ -4,8 +4,7 @@
   real PostgreSQL database created for this test session (dropped at the end); PostgreSQL is
   skipped with a reason when the server at IDV_TEST_PG (default 127.0.0.1:5432) is not there.
   `db_url` hands one to a test with its tables emptied.
-- `pipeline`: the real face pipeline, loaded and warmed once per session (skipped with a reason
-  when the models cannot be loaded).
+- `pipeline`: the real face pipeline, loaded and warmed once per session (a load failure fails).
 - `make_client`: an app on a given database/pipeline/settings, served by TestClient.
 - face images: insightface's bundled photos (always there with the package) and LFW from
   settings.data_dir (IDV_DATA_DIR; tests that need it skip when it is absent).
@@ -15,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import uuid
-import warnings
 from pathlib import Path
 
 import pytest
@@ -113,25 +111,10 @@ def engine(db_url):
 @pytest.fixture(scope="session")
 def pipeline():
     """The real pipeline (detector + towers, manifest-checked), loaded and warmed once."""
-    if not (ROOT / "service" / "pipeline.py").exists():
-        pytest.skip("service/pipeline.py is not there yet")
     from service.app import load_pipeline
 
-    settings = Settings()
-    if settings.threshold is None:
-        from service.artifacts import load_manifest, resolve_version
-
-        try:
-            manifest = load_manifest(resolve_version(settings.models_dir, settings.towers, settings.tower_version))
-            if not manifest.get("calibration"):  # the API tests need a threshold, not a particular one
-                warnings.warn("the current towers ship no calibration table: API tests use IDV_THRESHOLD=0.5")
-                settings = Settings(threshold=0.5)
-        except Exception:  # noqa: BLE001 - load_pipeline below reports what is wrong
-            pass
-    try:
-        return load_pipeline(settings)
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"the real pipeline could not be loaded: {exc.__class__.__name__}: {exc}")
+    # the models ship in the repository: failing to load them is a failure, not a skip
+    return load_pipeline(Settings())
 
 
 class UnusedPipeline:

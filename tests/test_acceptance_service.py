@@ -1,0 +1,112 @@
+"""Issue 3's acceptance, end to end, the way an operator meets the service: `idverify migrate`
+and `idverify serve` (what `make run` runs) in a subprocess on a real port, bootstrap admin key
+from the environment, keys made over HTTP, 20 /verify calls on real LFW pairs, the operator
+paging through the 20 audit rows, and the role matrix. Once on SQLite (the embedded default)
+and once on PostgreSQL."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.evaluate import image_relpath, read_pairs
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN = "bootstrap-admin-" + os.urandom(8).hex()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'var' / 'idverify.db'}"
+        (tmp_path / "var").mkdir()
+    else:
+        url = request.getfixturevalue("pg_database_factory")()
+    port = _free_port()
+    env = {**os.environ, "IDV_DATABASE_URL": url, "IDV_PORT": str(port), "IDV_HOST": "127.0.0.1",
+           "IDV_BOOTSTRAP_ADMIN_KEY": ADMIN, "IDV_RATE_LIMIT_PER_MINUTE": "0"}
+    cli = [sys.executable, "-m", "service.cli"]
+    subprocess.run(cli + ["migrate"], env=env, cwd=tmp_path, check=True, capture_output=True)
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(cli + ["serve"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "service did not become ready in 120 s"
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _pairs(lfw: Path, n: int) -> list[tuple[Path, Path, bool]]:
+    """The first n/2 matched and n/2 mismatched pairs of fold 1."""
+    pairs = [p for p in read_pairs(lfw / "pairs.txt") if p.fold == 1]
+    chosen = [p for p in pairs if p.same][: n // 2] + [p for p in pairs if not p.same][: n // 2]
+    return [(lfw / "images" / image_relpath(p.a), lfw / "images" / image_relpath(p.b), p.same) for p in chosen]
+
+
+def test_make_run_flow(server, lfw):
+    admin = {"X-API-Key": ADMIN}
+    made = {}
+    for role in ("kiosk", "operator"):
+        r = httpx.post(server + "/admin/keys", json={"role": role, "name": f"{role}-1"}, headers=admin)
+        assert r.status_code == 201, r.text
+        assert r.json()["role"] == role and r.json()["key"]
+        made[role] = {"X-API-Key": r.json()["key"]}
+
+    correct = 0
+    answers = []
+    for i, (a, b, same) in enumerate(_pairs(lfw, 20)):
+        files = {"id_photo": (a.name, a.read_bytes(), "image/jpeg"),
+                 "live_photo": (b.name, b.read_bytes(), "image/jpeg")}
+        r = httpx.post(server + "/verify", files=files, data={"device_id": "gate-7", "reference": f"tx-{i}"},
+                       headers=made["kiosk"], timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["far_target"] is not None and 0.0 <= body["score"] <= 1.0
+        correct += (body["decision"] == "match") == same
+        answers.append(body["request_id"])
+    assert correct >= 19, f"{correct}/20 LFW pairs decided correctly"
+
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 7, **({"cursor": cursor} if cursor else {})}
+        r = httpx.get(server + "/audit", params=params, headers=made["operator"])
+        assert r.status_code == 200, r.text
+        page = r.json()
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert sorted(seen) == sorted(answers) and len(seen) == 20
+
+    assert httpx.get(server + "/audit", headers=made["kiosk"]).status_code == 403
+    one = _pairs(lfw, 2)[0]
+    files = {"id_photo": one[0].read_bytes(), "live_photo": one[1].read_bytes()}
+    r = httpx.post(server + "/verify", files=files, headers=made["operator"])
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    r = httpx.post(server + "/verify", files=files)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    assert httpx.get(server + "/audit").status_code == 401
