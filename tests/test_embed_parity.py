@@ -145,7 +145,7 @@ def sha256(path: Path) -> str:
 
 
 def test_manifest_matches_files():
-    assert (TOWERS / "CURRENT").read_text().strip() == "baseline"
+    assert (TOWERS / (TOWERS / "CURRENT").read_text().strip() / "manifest.json").exists()
     manifest = json.loads((BASELINE / "manifest.json").read_text())
     assert manifest["name"] == "towers" and manifest["version"] == "baseline"
     assert set(manifest["towers"]) == {"id", "live"}
@@ -159,7 +159,12 @@ def test_manifest_matches_files():
     assert manifest["score"]["kind"] == "cosine01"
     tpl = np.asarray(manifest["template"]["points"])
     assert tpl.shape == (5, 2) and manifest["template"]["size"] == 150
-    assert manifest["calibration"] is None and manifest["metrics"] == {}
+    # the calibration table ships beside the manifest, hash-checked like the towers
+    cal = BASELINE / manifest["calibration"]
+    assert sha256(cal) == manifest["calibration_sha256"]
+    table = json.loads(cal.read_text())["table"]
+    assert [r["far"] for r in table] == sorted((r["far"] for r in table), reverse=True)
+    assert {"lfw_10fold", "lfw_ivs_folds9-10"} <= set(manifest["metrics"])
 
 
 def test_onnx_graph_contract(session):
