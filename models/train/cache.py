@@ -174,7 +174,9 @@ def _empty(n: int) -> dict:
 
 
 def build_shard(items: list[Item], cfg: CacheConfig, frontend: Frontend, net, with_chip=True,
-                with_occ=True, chip_seed: int | None = None) -> dict:
+                with_occ=True, chip_seed: int | None = None, flip: bool = False) -> dict:
+    """flip=True: the aligned chips are mirrored before the frozen layers (the service's
+    test-time flip-averaging embeds both)."""
     import torch
     from service.chipsim import chip_rng, simulate_chip
     n = len(items)
@@ -192,6 +194,8 @@ def build_shard(items: list[Item], cfg: CacheConfig, frontend: Frontend, net, wi
         if face is None:
             continue
         live = frontend.aligned(live_img, face)
+        if flip:
+            live = np.ascontiguousarray(live[:, ::-1])
         chips["live"].append((i, live))
         out["live_yaw"][i], out["live_pitch"][i] = pose(face.landmarks)
         out["live_illumination"][i], out["live_blur"][i] = photometrics(live)
@@ -216,6 +220,8 @@ def build_shard(items: list[Item], cfg: CacheConfig, frontend: Frontend, net, wi
             if cface is None:
                 continue
             chip = frontend.aligned(cimg, cface)
+            if flip:
+                chip = np.ascontiguousarray(chip[:, ::-1])
             chips["chip"].append((i, chip))
             out["chip_yaw"][i], out["chip_pitch"][i] = pose(cface.landmarks)
             out["chip_illumination"][i], out["chip_blur"][i] = photometrics(chip)
@@ -245,10 +251,10 @@ def split_path(root: Path, split: str) -> Path:
 
 
 def build_split(split: str, items: list[Item], cfg: CacheConfig, reserved: set[str] | None = None,
-                with_chip=True, with_occ=True, chip_seed: int | None = None) -> Path:
+                with_chip=True, with_occ=True, chip_seed: int | None = None, flip: bool = False) -> Path:
     """Build (or resume) one split of the cache. Non-eval splits are checked against the
     reserved identities before any image is read."""
-    if split != EVAL_SPLIT:
+    if not split.startswith(EVAL_SPLIT):
         assert reserved is not None, "training splits must be checked against the reserved identities"
         assert_no_reserved(items, reserved)
     root = Path(cfg.root)
@@ -263,17 +269,17 @@ def build_split(split: str, items: list[Item], cfg: CacheConfig, reserved: set[s
         pid = lock.read_text().strip() or "?"
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             lock.unlink()  # stale: its builder is gone; the shards it finished are reused
-            return build_split(split, items, cfg, reserved, with_chip, with_occ, chip_seed)
+            return build_split(split, items, cfg, reserved, with_chip, with_occ, chip_seed, flip)
         raise RuntimeError(f"{split} is being built by process {pid} ({lock}); wait for it") from None
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
     try:
-        return _build_split(split, items, cfg, root, final, with_chip, with_occ, chip_seed)
+        return _build_split(split, items, cfg, root, final, with_chip, with_occ, chip_seed, flip)
     finally:
         lock.unlink(missing_ok=True)
 
 
-def _build_split(split, items, cfg, root, final, with_chip, with_occ, chip_seed) -> Path:
+def _build_split(split, items, cfg, root, final, with_chip, with_occ, chip_seed, flip=False) -> Path:
     frontend = Frontend(threads=1)
     net = _backbone(cfg.threads)
     parts = []
@@ -285,7 +291,7 @@ def _build_split(split, items, cfg, root, final, with_chip, with_occ, chip_seed)
         if part.exists():
             continue
         chunk = items[k * SHARD:(k + 1) * SHARD]
-        d = build_shard(chunk, cfg, frontend, net, with_chip, with_occ, chip_seed)
+        d = build_shard(chunk, cfg, frontend, net, with_chip, with_occ, chip_seed, flip)
         tmp = part.with_suffix(".tmp.npz")
         np.savez(tmp, **d)
         tmp.rename(part)
@@ -315,7 +321,7 @@ def load_split(root: Path, split: str, reserved: set[str] | None = None, allow_e
     """Load a cached split into memory. Training code passes the reserved set and never
     allow_eval; every key is re-checked against the reserved identities. `cut`: which cached
     activation to return as `<variant>_feat` (level2 default, or level3)."""
-    if split == EVAL_SPLIT and not allow_eval:
+    if split.startswith(EVAL_SPLIT) and not allow_eval:
         raise PermissionError("the eval split (folds 9-10) is for evaluation only")
     with np.load(split_path(root, split)) as z:
         d = {}
@@ -325,6 +331,6 @@ def load_split(root: Path, split: str, reserved: set[str] | None = None, allow_e
             if k.endswith("_feat") and cut == "level3":
                 continue
             d[k[:-1] if k.endswith("_feat3") else k] = z[k]
-    if reserved is not None and split != EVAL_SPLIT:
+    if reserved is not None and not split.startswith(EVAL_SPLIT):
         assert_no_reserved([str(k) for k in d["key"]], reserved)
     return d

@@ -21,6 +21,8 @@ def register(sub) -> None:
                    help="frozen up to this stage (its cached output feeds the trainable rest)")
     p.add_argument("--lam", type=float, default=None, help="coupling weight (sum ||W_id - W_live||^2)")
     p.add_argument("--mu", type=float, default=None, help="live-tower anchor weight (sum ||W_live - W_pre||^2)")
+    p.add_argument("--distill", type=float, default=None,
+                   help="weight of the cross-domain distillation term (1 - cos to the pretrained live embedding of the source image)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=None)
@@ -32,6 +34,7 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--run", default=None, help="run folder (default .cache/train/runs/<variant>[-lamX])")
     p.add_argument("--eval", action="store_true", help="after training, score LFW-IvS folds 9-10 on the cache (fast path)")
+    p.add_argument("--eval-only", action="store_true", help="do not train: (re)evaluate the run folder")
     p.add_argument("--export", default=None, metavar="VERSION",
                    help="export both towers to models/repository/towers/VERSION (+ probe, calibration, manifest)")
     p.set_defaults(func=run_train)
@@ -66,8 +69,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.cache_only:
         recipe.build_cache(data_dir, Path(args.cache), threads=args.threads)
         return 0
-    needed = ["lfw_val"] + ([] if args.variant == "pretrained" else args.train_splits.split(","))
-    needed += ["eval"] if args.eval or args.export else []
+    needed = ["lfw_val"] + ([] if args.variant == "pretrained" or args.eval_only else args.train_splits.split(","))
+    needed += ["eval"] if args.eval or args.export else []  # eval_flip: built by --cache-only; used when present
     needed += ["utk_test"] if args.variant == "coupled-heads" else []
     recipe.build_cache(data_dir, Path(args.cache), threads=args.threads, splits=[s for s in recipe.SPLITS if s in needed])
     return recipe.train_and_report(args, data_dir)

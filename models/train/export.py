@@ -86,13 +86,14 @@ def pipeline_for(version: str, threshold: float | None = 0.5):
     return Pipeline.from_settings(s)
 
 
-def run_eval(version: str, protocol: str, folds: list[int], data_dir: Path, out: Path, threshold=0.5) -> dict:
+def run_eval(version: str, protocol: str, folds: list[int], data_dir: Path, out: Path, threshold=0.5,
+             embedder=None, pipeline=None) -> dict:
+    """`idverify eval` in-process (same code path) on the given towers version."""
     from service.evaluate import evaluate
-    p = pipeline_for(version, threshold)
-    tag = "-".join(map(str, folds))
-    cmd = (f"IDV_TOWER_VERSION={version} IDV_THRESHOLD={threshold} idverify eval --protocol {protocol} "
-           f"--folds {','.join(map(str, folds))} --out {out}")
-    return evaluate(protocol, folds, p, data_dir, out=out, progress=False, command=cmd)
+    p = pipeline if pipeline is not None else pipeline_for(version, threshold)
+    env = f"IDV_TOWER_VERSION={version}" + (f" IDV_THRESHOLD={threshold}" if threshold is not None else "")
+    cmd = f"{env} idverify eval --protocol {protocol} --folds {','.join(map(str, folds))} --out {out}"
+    return evaluate(protocol, folds, p, data_dir, out=out, progress=False, command=cmd, embedder=embedder)
 
 
 def summarise(rep: dict) -> dict:
@@ -148,8 +149,11 @@ def export_run(run: Path, version: str, data_dir: Path, cache: Path, full_eval: 
     man["calibration"] = "calibration.json"
     man["calibration_sha256"] = sha256_file(out / "calibration.json")
     (out / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
-    ivs = run_eval(version, "lfw-ivs", [9, 10], data_dir, reports / "lfw-ivs-folds9-10", threshold=None)
-    lfw = run_eval(version, "lfw", [9, 10], data_dir, reports / "lfw-folds9-10", threshold=None)
+    from service.evaluate import Embedder
+    p = pipeline_for(version, None)
+    emb = Embedder(p, data_dir, seed=0, progress=False)  # live embeddings shared by both protocols
+    ivs = run_eval(version, "lfw-ivs", [9, 10], data_dir, reports / "lfw-ivs-folds9-10", None, emb, p)
+    lfw = run_eval(version, "lfw", [9, 10], data_dir, reports / "lfw-folds9-10", None, emb, p)
     man["metrics"] = {"lfw_ivs_folds9-10": summarise(ivs), "lfw_folds9-10": summarise(lfw),
                       "calibration_fold8_impostors": cal["counts"]["impostor"]}
     (out / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
@@ -177,8 +181,12 @@ def baseline_metrics(data_dir: Path) -> dict:
     path = out / "metrics.json"
     if path.exists():
         return json.loads(path.read_text())
-    ivs = run_eval("baseline", "lfw-ivs", [9, 10], data_dir, out / "lfw-ivs-folds9-10")
-    lfw = run_eval("baseline", "lfw", [9, 10], data_dir, out / "lfw-folds9-10")
+    from service.evaluate import Embedder
+    p = pipeline_for("baseline", None)
+    emb = Embedder(p, data_dir, seed=0, progress=False)
+    ivs = run_eval("baseline", "lfw-ivs", [9, 10], data_dir, out / "lfw-ivs-folds9-10", None, emb, p)
+    lfw = run_eval("baseline", "lfw", [9, 10], data_dir, out / "lfw-folds9-10", None, emb, p)
     m = {"lfw_ivs_folds9-10": summarise(ivs), "lfw_folds9-10": summarise(lfw)}
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(m, indent=2) + "\n")
     return m

@@ -8,7 +8,7 @@ from pathlib import Path
 from models.train import data as D
 
 # cache splits in build order (eval = folds 9-10 images, evaluation only, chip seed 0 as `idverify eval`)
-SPLITS = ("lfw_val", "eval", "lfw_train", "utk_train", "utk_test", "utk_adapt")
+SPLITS = ("lfw_val", "eval", "lfw_train", "utk_train", "utk_test", "utk_adapt", "eval_flip")
 EVAL_CHIP_SEED = 0      # `idverify eval --protocol lfw-ivs` default seed
 TRAIN_CHIP_SEED = 1
 
@@ -20,7 +20,7 @@ def split_items(data_dir: Path, split: str) -> list[D.Item]:
         return D.lfw_split(data_dir).val
     if split.startswith("utk_"):
         return getattr(D.utk_split(data_dir), split[4:])
-    if split == "eval":
+    if split in ("eval", "eval_flip"):
         pairs = D.parse_pairs(Path(data_dir) / "lfw" / "pairs.txt")
         keys = sorted({D.lfw_key(*img) for p in pairs if p.fold in D.EVAL_FOLDS for img in (p.a, p.b)})
         return [D.Item(k, "lfw", k.split("/")[2]) for k in keys]
@@ -37,8 +37,8 @@ def build_cache(data_dir: Path, root: Path, threads: int = 2, splits=SPLITS) -> 
         t0 = time.time()
         items = split_items(data_dir, split)
         print(f"[cache] building {split}: {len(items)} images -> {root}", file=sys.stderr, flush=True)
-        if split == "eval":
-            build_split(split, items, cfg, with_occ=False, chip_seed=EVAL_CHIP_SEED)
+        if split in ("eval", "eval_flip"):  # evaluation only; the mirrored copy serves flip-averaging
+            build_split(split, items, cfg, with_occ=False, chip_seed=EVAL_CHIP_SEED, flip=split == "eval_flip")
         else:
             build_split(split, items, cfg, reserved=reserved)
         print(f"[cache] {split} done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
@@ -47,3 +47,24 @@ def build_cache(data_dir: Path, root: Path, threads: int = 2, splits=SPLITS) -> 
 def train_and_report(args, data_dir: Path) -> int:
     from models.train import trainer
     return trainer.main(args, data_dir)
+
+
+def ablation_table(runs_dir: Path, names: list[str]) -> str:
+    """Markdown rows from runs' eval_folds9-10.json (cached fast path, folds 9-10)."""
+    import json
+    lines = ["| row | TAR@1e-2 | TAR@1e-3 | TAR@1e-4 | LFW acc (folds 9-10) | command |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for n in names:
+        p = Path(runs_dir) / n / "eval_folds9-10.json"
+        if not p.exists():
+            continue
+        r = json.loads(p.read_text())
+        t = r["tar_at_far"]
+        lines.append(f"| {n} | {t['0.01'] * 100:.2f} | {t['0.001'] * 100:.2f} | {t['0.0001'] * 100:.2f} | "
+                     f"{r['lfw_accuracy'] * 100:.2f} | `{r.get('command', '')}` |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m models.train.recipe RUN [RUN ...]
+    from models.train.cli import DEFAULT_RUNS
+    print(ablation_table(DEFAULT_RUNS, sys.argv[1:]))

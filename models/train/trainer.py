@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from models.train import data as D
 from models.train.cache import load_split
@@ -31,7 +32,7 @@ VARIANTS = {
     "coupled":       dict(train=True, shared=False, heads=False, lam=10.0, mu=1.0),
     "coupled-heads": dict(train=True, shared=False, heads=True, lam=10.0, mu=1.0),
 }
-DEFAULTS = dict(epochs=8, lr=3e-3, head_lr=2e-3, hard_k=10, batch=256, p_occ=0.15, cross_frac=0.5,
+DEFAULTS = dict(epochs=8, lr=3e-3, head_lr=2e-3, hard_k=10, batch=256, p_occ=0.15, cross_frac=0.5, distill=0.0,
                 alpha=0.1, gamma=2e-3, warmup=30)
 REGRESS = ("yaw", "pitch", "illumination", "blur", "age")
 
@@ -55,6 +56,7 @@ class TrainSet:
         D.assert_no_reserved([str(k) for k in self.key], reserved)
         self.identity = cat("identity")
         self.feat = {v: cat(f"{v}_feat") for v in ("live", "chip", "occ")}
+        self.teacher = cat("live_emb0")  # pretrained embedding of the clean live image
         self.ok = {v: cat(f"{v}_ok") for v in ("live", "chip", "occ")}
         self.attr = {f"{v}_{a}": cat(f"{v}_{a}") for v in ("live", "chip", "occ")
                      for a in ("yaw", "pitch", "illumination", "blur")}
@@ -184,15 +186,32 @@ class ValSet:
         return identity_verification(ei, self.d["chip_ok"], el, self.d["live_ok"], self.identity)
 
 
-def eval_folds(model, cache: Path, data_dir: Path, mask: np.ndarray | None = None) -> dict:
-    """LFW-IvS + LFW accuracy on folds 9-10 from the eval cache (evaluation only)."""
+def _unit(e: np.ndarray) -> np.ndarray:
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+
+def eval_folds(model, cache: Path, data_dir: Path, mask: np.ndarray | None = None, flip: bool = True) -> dict:
+    """LFW-IvS + LFW accuracy on folds 9-10 from the eval cache (evaluation only). flip: average
+    the unit embeddings of each chip and its mirror, as the service does with the manifest's
+    test_time.flip_average (needs the eval_flip split)."""
     from models.train.fasteval import verification
+    from models.train.cache import split_path
     d = load_split(cache, "eval", allow_eval=True, cut=model.id.cut)
     ei = embed(model.id, d["chip_feat"])
     el = embed(model.live, d["live_feat"])
     if mask is not None:
         ei, el = ei * mask, el * mask
-    return verification(ei, d["chip_ok"], el, d["live_ok"], [str(k) for k in d["key"]], data_dir)
+    flipped = flip and split_path(cache, "eval_flip").exists()
+    if flipped:
+        f = load_split(cache, "eval_flip", allow_eval=True, cut=model.id.cut)
+        assert (f["key"] == d["key"]).all()
+        fi, fl = embed(model.id, f["chip_feat"]), embed(model.live, f["live_feat"])
+        if mask is not None:
+            fi, fl = fi * mask, fl * mask
+        ei, el = _unit(_unit(ei) + _unit(fi)), _unit(_unit(el) + _unit(fl))
+    res = verification(ei, d["chip_ok"], el, d["live_ok"], [str(k) for k in d["key"]], data_dir)
+    res["flip_average"] = bool(flipped)
+    return res
 
 
 # ----------------------------------------------------------------------------- training
@@ -204,7 +223,7 @@ def train(args, data_dir: Path) -> tuple[object, dict, list]:
 
     v = dict(VARIANTS[args.variant])
     cfg = {**DEFAULTS, **v}
-    for k in ("lam", "mu", "epochs", "lr", "hard_k", "batch", "cross_frac"):
+    for k in ("lam", "mu", "epochs", "lr", "hard_k", "batch", "cross_frac", "distill"):
         val = getattr(args, k, None)
         if val is not None:
             cfg[k] = val
@@ -242,6 +261,16 @@ def train(args, data_dir: Path) -> tuple[object, dict, list]:
             l_pair, st = binary_pair_loss(e_id, e_live, torch.from_numpy(ident), model.scale, model.bias, cfg["hard_k"])
             loss = l_pair
             parts = {"pair": float(l_pair), **st}
+            if cfg["distill"]:
+                # cross-domain distillation: each chip / (occluded) live image should land where the
+                # pretrained network puts its clean live source image
+                tc = torch.from_numpy(ts.teacher[cr])
+                tl = torch.from_numpy(ts.teacher[lr_])
+                okc = torch.from_numpy(ts.ok["live"][cr]).float()
+                dist = ((1 - F.cosine_similarity(e_id, tc)) * okc).sum() / okc.sum().clamp(min=1) + \
+                    (1 - F.cosine_similarity(e_live, tl)).mean()
+                loss = loss + cfg["distill"] * dist
+                parts["distill"] = float(dist)
             if cfg["lam"] and not cfg.get("shared"):
                 c = model.coupling()
                 loss = loss + cfg["lam"] * c
@@ -286,12 +315,16 @@ def main(args, data_dir: Path) -> int:
         (f"-{args.cut}" if getattr(args, "cut", "level2") != "level2" else "")
     run = Path(args.run) if args.run else DEFAULT_RUNS / name
     t0 = time.time()
-    model, cfg, history = train(args, data_dir)
-    cfg["train_seconds"] = round(time.time() - t0, 1)
-    cfg["command"] = "idverify " + " ".join(sys.argv[1:]) if sys.argv else None
-    save_run(model, run, cfg, history, cfg.get("stats", {}))
-    log(f"[train] saved {run} ({cfg['train_seconds']}s)")
-    if model.heads is not None:
+    if getattr(args, "eval_only", False):
+        model, cfg = load_run(run)
+        name = run.name
+    else:
+        model, cfg, history = train(args, data_dir)
+        cfg["train_seconds"] = round(time.time() - t0, 1)
+        cfg["command"] = "idverify " + " ".join(sys.argv[1:]) if sys.argv else None
+        save_run(model, run, cfg, history, cfg.get("stats", {}))
+        log(f"[train] saved {run} ({cfg['train_seconds']}s)")
+    if model.heads is not None and not (getattr(args, "eval_only", False) and (run / "unit_map.json").exists()):
         from models.train.probe import run_probe
         pr = run_probe(model, run, Path(args.cache), data_dir, title=f"unit selectivity - {name}")
         log(f"[probe] ties {pr['ties']}; scoring mask {pr['scoring']['use_mask']} {pr['scoring']['chosen']}")
@@ -306,10 +339,10 @@ def main(args, data_dir: Path) -> int:
         log(f"[eval folds 9-10, cached] LFW-IvS TAR {res['tar_at_far']} ivs-acc {res['ivs_accuracy']:.4f} "
             f"LFW acc {res['lfw_accuracy']:.4f} FTA {res['fta']}")
     if args.export:
-        from models.train.export import export_run, maybe_switch_current, baseline_metrics
+        from models.train.export import REPO, export_run, maybe_switch_current
         man = export_run(run, args.export, data_dir, Path(args.cache))
-        base = baseline_metrics(data_dir)
-        switched = maybe_switch_current(args.export, base["lfw_ivs_folds9-10"]["tar_at_far"]["0.001"])
+        base = json.loads((REPO / "baseline" / "manifest.json").read_text())["metrics"]
+        switched = maybe_switch_current(args.export, base["lfw_ivs_folds9-10"]["tar_at_far"]["1e-03"])
         log(f"[export] {args.export}: {json.dumps(man['metrics'])}; baseline {json.dumps(base)}; "
             f"CURRENT {'switched to ' + args.export if switched else 'unchanged'}")
     return 0
