@@ -38,6 +38,8 @@ import warnings
 import zipfile
 from pathlib import Path
 
+from service.artifacts import sha256_file
+
 ROOT = Path(__file__).resolve().parents[2]
 
 PACKAGE = "facenet-pytorch"
@@ -55,10 +57,6 @@ OPSET = 17
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    return sha256_bytes(Path(path).read_bytes())
 
 
 # --------------------------------------------------------------------------- wheel + weights

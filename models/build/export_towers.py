@@ -13,7 +13,6 @@ PyTorch module (batch 1 and 3) within 1e-4. Parity with dlib itself is tests/tes
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import tempfile
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from service.artifacts import sha256_file
+
 ROOT = Path(__file__).resolve().parents[2]
 REPO = ROOT / "models" / "repository"
 NAME = "towers"
@@ -30,14 +31,6 @@ VERSION = "baseline"
 OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAME = "embedding"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_onnx(model, path: Path, opset: int = OPSET) -> None:
