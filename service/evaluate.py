@@ -823,7 +823,9 @@ def _machine() -> str:
 
 def write_docs_section(report: dict, out: Path, doc: Path = ROOT / "docs" / "benchmarks.md") -> None:
     """Replace (or append) this protocol+folds section of docs/benchmarks.md."""
-    tag = f"idverify eval {report['protocol']} folds {','.join(map(str, report['folds']))}"
+    enc = (report.get("chipsim") or {}).get("encoding")
+    variant = f", {enc} chips" if enc and enc != "rgb" else ""
+    tag = f"idverify eval {report['protocol']} folds {','.join(map(str, report['folds']))}{variant}"
     start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
     c, acc = report["counts"], report["accuracy"]
     rows = ["| FAR | TAR (pairs.txt genuine) | TAR (all same-identity pairs) | threshold | observed FAR | note |",
@@ -865,6 +867,6 @@ def write_docs_section(report: dict, out: Path, doc: Path = ROOT / "docs" / "ben
     else:
         if "## Verification accuracy" not in text:
             text = text.rstrip("\n") + "\n\n## Verification accuracy (`idverify eval`)\n"
-        text = text.rstrip("\n") + f"\n\n### {report['protocol']}, folds {','.join(map(str, report['folds']))}\n\n{section}\n"
+        text = text.rstrip("\n") + f"\n\n### {report['protocol']}, folds {','.join(map(str, report['folds']))}{variant}\n\n{section}\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
