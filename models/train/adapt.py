@@ -66,14 +66,15 @@ def featurise(items: list[D.Item], data_dir: Path, threads: int, cut: str = "lev
 
 
 def adapt(model, attr: str, d: dict, stats: dict, mode: str, ties: list[int], steps: int, seed: int,
-          lr: float = 1e-3) -> dict:
-    """In-place adaptation; returns what changed."""
+          rel_lr: float = 3e-3, head_lr: float = 1e-3) -> dict:
+    """In-place adaptation; returns what changed. Tower weights move with the training recipe's
+    per-tensor step (rel_lr x the tensor's RMS), the head with head_lr; both modes alike."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     head = model.heads.heads[attr]
     sides = [model.id] if model.shared else [model.id, model.live]
     if mode == "map":
-        params = [head.weight, head.bias] + [t.net.fc.weight for t in sides]
+        tower_params = [t.net.fc.weight for t in sides]
         row_mask = torch.zeros(128, 1)
         row_mask[ties] = 1.0
         hooks = [t.net.fc.weight.register_hook(lambda g: g * row_mask) for t in sides]
@@ -81,11 +82,13 @@ def adapt(model, attr: str, d: dict, stats: dict, mode: str, ties: list[int], st
         head_mask[0, ties] = 1.0
         hooks.append(head.weight.register_hook(lambda g: g * head_mask))
     else:
-        params = [head.weight, head.bias] + [p for t in sides for p in t.trainable().values()]
+        tower_params = [p for t in sides for p in t.trainable().values() if float(p.detach().pow(2).mean().sqrt()) >= 1e-6]
         hooks = []
+    params = [head.weight, head.bias] + tower_params
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr if mode == "map" else lr * 0.1)
+    groups = [{"params": [p], "lr": rel_lr * float(p.detach().pow(2).mean().sqrt())} for p in tower_params]
+    opt = torch.optim.Adam(groups + [{"params": [head.weight, head.bias], "lr": head_lr}])
     rows = {v: np.flatnonzero(d[f"{v}_ok"] & ~np.isnan(d[attr])) for v in ("chip", "live")}
     model.train()
     for _ in range(steps):
@@ -103,7 +106,9 @@ def adapt(model, attr: str, d: dict, stats: dict, mode: str, ties: list[int], st
     for h in hooks:
         h.remove()
     model.eval()
-    return {"params": int(sum(p.numel() for p in params)), "final_loss": float(loss)}
+    n_free = sum(p.numel() for p in params) if mode == "full" else \
+        len(ties) * (sides[0].net.fc.weight.shape[1] * len(sides) + 1) + 1
+    return {"params_updated": int(n_free), "final_loss": float(loss.detach())}
 
 
 def run(args, data_dir: Path) -> int:
@@ -127,7 +132,15 @@ def run(args, data_dir: Path) -> int:
     if not items or all(np.isnan(it.labels.get(attr, np.nan)) for it in items):
         raise SystemExit(f"no images labelled with {attr} in {args.data}")
     t0 = time.time()
-    d = featurise(items, data_dir, args.threads, cut=model.id.cut)
+    import hashlib
+    tag = hashlib.sha256(("|".join(it.key for it in items) + model.id.cut).encode()).hexdigest()[:16]
+    feats = Path(args.cache) / f"adapt-{tag}.npz"
+    if feats.exists():
+        with np.load(feats) as z:
+            d = {k: z[k] for k in z.files}
+    else:
+        d = featurise(items, data_dir, args.threads, cut=model.id.cut)
+        np.savez(feats, **d)
     log(f"[adapt] {len(items)} images featurised in {time.time() - t0:.0f}s")
     cache = Path(args.cache)
     test = load_split(cache, "utk_test", reserved=D.reserved_identities(data_dir), cut=model.id.cut)

@@ -30,6 +30,8 @@ from models.build.export_towers import OPSET, check_onnx, export_onnx, sha256_fi
 ROOT = Path(__file__).resolve().parents[2]
 REPO = ROOT / "models" / "repository" / "towers"
 LFW_ACC_MIN = 0.993
+TRAINING_KEYS = ("variant", "cut", "lam", "mu", "distill", "epochs", "lr", "head_lr", "hard_k", "batch", "cross_frac",
+                 "p_occ", "alpha", "gamma", "train_splits", "seed", "threads", "best_epoch", "command", "train_seconds")
 CAL_FOLDS = [8]
 
 
@@ -72,8 +74,11 @@ def build_manifest(version: str, files: dict[str, str], run_cfg: dict, metrics: 
     man["source"] = dict(base.get("source", {}))
     man["source"]["converter"] = "models/train (idverify train) + models/build/export_towers.export_onnx"
     man["source"]["exported_with"] = {"torch": torch.__version__, "opset": OPSET}
-    man["training"] = {k: run_cfg.get(k) for k in ("variant", "lam", "mu", "epochs", "lr", "hard_k", "batch",
-                                                   "seed", "best_epoch", "command", "train_seconds")}
+    man["training"] = {k: run_cfg.get(k) for k in TRAINING_KEYS}
+    import re
+    cmd = run_cfg.get("command") or ""
+    man["training"]["reproduce"] = " ".join(re.sub(r"--run \S+|--eval-only|--eval\b|--export \S+", "", cmd).split()) + \
+        f" --export {version}"
     man["metrics"] = metrics
     man.update(extra)
     return man
