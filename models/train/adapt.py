@@ -1,7 +1,8 @@
 """`idverify adapt --attribute ATTR --data DIR`: attribute adaptation with a few labelled images.
 
 mode "map" (default): only the weights the unit-attribute map ties to ATTR change: the ATTR
-head, and in both towers the rows of the embedding layer (fc) that produce the tied units.
+head (not part of the embedding), and in both towers the rows of the embedding layer (fc) that
+produce the tied units.
 Everything else is frozen (gradient masks), so identity units are untouched.
 mode "full": the same data and steps, but every trainable weight of both towers (+ the head)
 changes: the comparison row of the experiment.
@@ -77,10 +78,8 @@ def adapt(model, attr: str, d: dict, stats: dict, mode: str, ties: list[int], st
         tower_params = [t.net.fc.weight for t in sides]
         row_mask = torch.zeros(128, 1)
         row_mask[ties] = 1.0
+        # the ATTR head is ATTR's own (never part of the embedding): all of it adapts
         hooks = [t.net.fc.weight.register_hook(lambda g: g * row_mask) for t in sides]
-        head_mask = torch.zeros(1, 128)
-        head_mask[0, ties] = 1.0
-        hooks.append(head.weight.register_hook(lambda g: g * head_mask))
     else:
         tower_params = [p for t in sides for p in t.trainable().values() if float(p.detach().pow(2).mean().sqrt()) >= 1e-6]
         hooks = []
@@ -107,7 +106,7 @@ def adapt(model, attr: str, d: dict, stats: dict, mode: str, ties: list[int], st
         h.remove()
     model.eval()
     n_free = sum(p.numel() for p in params) if mode == "full" else \
-        len(ties) * (sides[0].net.fc.weight.shape[1] * len(sides) + 1) + 1
+        len(ties) * sides[0].net.fc.weight.shape[1] * len(sides) + head.weight.numel() + head.bias.numel()
     return {"params_updated": int(n_free), "final_loss": float(loss.detach())}
 
 
@@ -147,7 +146,7 @@ def run(args, data_dir: Path) -> int:
     val = ValSet(cache, data_dir, cut=model.id.cut)
     before = {"attribute": attribute_metric(model, attr, test, stats), "val": val.score(model),
               "folds9-10": eval_folds(model, cache, data_dir)}
-    info = adapt(model, attr, d, stats, args.mode, ties, args.steps, args.seed)
+    info = adapt(model, attr, d, stats, args.mode, ties, args.steps, args.seed, rel_lr=args.tower_lr)
     after = {"attribute": attribute_metric(model, attr, test, stats), "val": val.score(model),
              "folds9-10": eval_folds(model, cache, data_dir)}
     out = Path(args.out) if args.out else run_dir.parent / f"{run_dir.name}-adapt-{attr}-{args.mode}"
@@ -155,7 +154,7 @@ def run(args, data_dir: Path) -> int:
                                "tied_units": ties, "from": str(run_dir)}}
     save_run(model, out, cfg2, [], stats)
     (out / "unit_map.json").write_text((run_dir / "unit_map.json").read_text())
-    result = {"attribute": attr, "mode": args.mode, "images": len(items), "steps": args.steps,
+    result = {"attribute": attr, "mode": args.mode, "images": len(items), "steps": args.steps, "tower_lr": args.tower_lr,
               "tied_units": ties, **info, "before": before, "after": after,
               "tar_1e-3_change_points": 100 * (after["folds9-10"]["tar_at_far"]["0.001"] - before["folds9-10"]["tar_at_far"]["0.001"]),
               "command": "idverify " + " ".join(sys.argv[1:])}

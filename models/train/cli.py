@@ -48,6 +48,8 @@ def register(sub) -> None:
                    help="map: only the units/weights tied to ATTR (default); full: fine-tune everything (comparison)")
     a.add_argument("--limit", type=int, default=500, help="at most this many labelled images")
     a.add_argument("--steps", type=int, default=150)
+    a.add_argument("--tower-lr", type=float, default=1e-3,
+                   help="relative step for tower weights (x each tensor's RMS); the head uses 1e-3")
     a.add_argument("--cache", default=str(DEFAULT_CACHE))
     a.add_argument("--data-dir", default=None)
     a.add_argument("--threads", type=int, default=2)
