@@ -97,3 +97,33 @@ def test_head_losses_mask_missing_labels():
     assert set(hl) == {"gender", "age"}
     assert all(torch.isfinite(v) for v in hl.values())
     assert float(sparsity(heads)) > 0
+
+
+def test_adapt_map_mode_touches_only_tied_units():
+    """`idverify adapt --mode map`: only the ATTR head and the fc rows of the tied units move."""
+    import numpy as np
+    from models.build.dlib_resnet import DlibResNet
+    from models.train.adapt import adapt
+    from models.train.towers import DualTowers
+    torch.manual_seed(0)
+    model = DualTowers(DlibResNet().eval(), heads=True)
+    before = {side: {n: p.detach().clone() for n, p in getattr(model, side).trainable().items()}
+              for side in ("id", "live")}
+    other_head = model.heads.heads["gender"].weight.detach().clone()
+    rng = np.random.default_rng(0)
+    n = 80
+    d = {f"{v}_feat": rng.normal(size=(n, 128, 8, 8)).astype(np.float16) for v in ("chip", "live")}
+    d.update({f"{v}_ok": np.ones(n, bool) for v in ("chip", "live")})
+    d["age"] = rng.uniform(10, 70, n).astype(np.float32)
+    ties = [3, 17, 90]
+    adapt(model, "age", d, {"age": (40.0, 15.0)}, "map", ties, steps=3, seed=0)
+    for side in ("id", "live"):
+        after = getattr(model, side).trainable()
+        for name, w0 in before[side].items():
+            w1 = after[name].detach()
+            if name == "fc.weight":
+                changed = (w1 != w0).any(dim=1).nonzero().flatten().tolist()
+                assert changed and set(changed) <= set(ties)
+            else:
+                assert torch.equal(w1, w0), name
+    assert torch.equal(model.heads.heads["gender"].weight.detach(), other_head)
