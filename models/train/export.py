@@ -67,9 +67,10 @@ def build_manifest(version: str, files: dict[str, str], run_cfg: dict, metrics: 
     base = json.loads((REPO / "baseline" / "manifest.json").read_text())
     man = copy.deepcopy(base)
     man["version"] = version
+    trained = "level2, level1, level0" if run_cfg.get("cut") == "level3" else "level1, level0"
     man["description"] = ("dual heterogeneous towers fine-tuned from the dlib face ResNet: `id` for ID-chip "
-                          "photos, `live` for camera frames (stages level1, level0 and the embedding layer "
-                          "trained; coupled weights; see docs/training.md)")
+                          f"photos, `live` for camera frames (stages {trained} and the embedding layer "
+                          f"trained; variant {run_cfg.get('variant')}, lam {run_cfg.get('lam')}; see docs/training.md)")
     man["towers"] = {side: {"file": f, "sha256": sha256_file(REPO / version / f)} for side, f in files.items()}
     man["source"] = dict(base.get("source", {}))
     man["source"]["converter"] = "models/train (idverify train) + models/build/export_towers.export_onnx"
