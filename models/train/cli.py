@@ -42,7 +42,8 @@ def register(sub) -> None:
     a = sub.add_parser("adapt", help="update only the weights the unit-attribute map ties to one attribute")
     a.add_argument("--attribute", required=True)
     a.add_argument("--data", required=True, help="folder of labelled images (UTKFace names: age_gender_race_*.jpg)")
-    a.add_argument("--run", default=str(DEFAULT_RUNS / "coupled-heads"), help="trained run to start from")
+    a.add_argument("--run", default=str(DEFAULT_RUNS / "coupled-heads-lam1-level3"),
+                   help="trained run to start from (default: where the shipped recipe, run without --run, saves)")
     a.add_argument("--out", default=None, help="output run folder (default <run>-adapt-<attribute>)")
     a.add_argument("--mode", choices=("map", "full"), default="map",
                    help="map: only the units/weights tied to ATTR (default); full: fine-tune everything (comparison)")
