@@ -39,12 +39,11 @@ import json
 import os
 import tempfile
 import warnings
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from models.build.export_towers import INPUT_NAME, OPSET, OUTPUT_NAME, sha256_file
+from models.build.export_towers import INPUT_NAME, OPSET, OUTPUT_NAME, package_version, sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
 REPO = ROOT / "models" / "repository"
@@ -144,12 +143,7 @@ def build_manifest(onnx_sha: str, pb_path: Path, fp16: bool, template: np.ndarra
                    flip_average: bool = False, standardisation: str = "fixed") -> dict:
     from service.align import POINT_NAMES
 
-    def pkg(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
+    pkg = package_version
     entry = {"file": "backbone.onnx", "sha256": onnx_sha}
     manifest = {
         "name": NAME,

@@ -77,16 +77,19 @@ def check_onnx(model, path: Path, atol: float = 1e-4) -> float:
     return worst
 
 
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution, for the manifest's provenance."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def build_manifest(onnx_sha: str, dat_path: Path) -> dict:
     from service.align import (DLIB_CHIP_PADDING, DLIB_CHIP_SIZE, DLIB_CHIP_TEMPLATE,
                                DLIB_CHIP_TEMPLATE_DERIVED, POINT_NAMES)
 
-    def pkg(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
+    pkg = package_version
     entry = {"file": "backbone.onnx", "sha256": onnx_sha}
     return {
         "name": NAME,
