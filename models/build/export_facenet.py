@@ -38,12 +38,12 @@ import argparse
 import json
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from models.build.export_towers import INPUT_NAME, OPSET, OUTPUT_NAME, package_version, sha256_file
+from models.build.export_towers import (INPUT_NAME, OPSET, OUTPUT_NAME, check_onnx, export_onnx,
+                                        package_version, sha256_file)
 
 ROOT = Path(__file__).resolve().parents[2]
 REPO = ROOT / "models" / "repository"
@@ -64,20 +64,6 @@ FACENET_TEMPLATE_160 = np.array([
     [104.76, 112.82],
 ], dtype=np.float32)
 BOX_MARGIN = 32
-
-
-def export_onnx(model, path: Path, opset: int = OPSET) -> None:
-    import torch
-
-    dummy = torch.zeros(1, SIZE, SIZE, 3, dtype=torch.float32)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        torch.onnx.export(
-            model, (dummy,), str(path),
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset, do_constant_folding=True, dynamo=False,
-        )
 
 
 def to_fp16_weights(path: Path, min_size: int = 1024) -> None:
@@ -103,33 +89,6 @@ def to_fp16_weights(path: Path, min_size: int = 1024) -> None:
     for i, node in enumerate(casts):
         g.node.insert(i, node)
     onnx.save(proto, str(path))
-
-
-def check_onnx(model, path: Path, atol: float = 1e-4) -> float:
-    """onnx.checker + onnxruntime vs torch on seeded random images (batch 1 and 3)."""
-    import onnx
-    import onnxruntime as ort
-    import torch
-
-    proto = onnx.load(str(path))
-    onnx.checker.check_model(proto)
-    assert [i.name for i in proto.graph.input] == [INPUT_NAME]
-    assert [o.name for o in proto.graph.output] == [OUTPUT_NAME]
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    worst = 0.0
-    for n in (1, 3):
-        x = rng.integers(0, 256, size=(n, SIZE, SIZE, 3)).astype(np.float32)
-        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-        with torch.no_grad():
-            want = model(torch.from_numpy(x)).numpy()
-        assert got.shape == (n, DIM) and got.dtype == np.float32
-        worst = max(worst, float(np.abs(got - want).max()))
-    if worst > atol:
-        raise AssertionError(f"onnxruntime differs from torch by {worst:.3g} > {atol}")
-    return worst
 
 
 NORMALISATION = {
@@ -219,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     target = out / "backbone.onnx"
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         tmp_path = Path(tmp) / "backbone.onnx"
-        export_onnx(model, tmp_path)
+        export_onnx(model, tmp_path, size=SIZE)
         if args.fp16_weights:
             to_fp16_weights(tmp_path)
-        diff = check_onnx(model, tmp_path, atol=2e-3 if args.fp16_weights else 1e-4)
+        diff = check_onnx(model, tmp_path, atol=2e-3 if args.fp16_weights else 1e-4, size=SIZE, dim=DIM)
         os.replace(tmp_path, target)
     digest = sha256_file(target)
     manifest = build_manifest(digest, Path(pb), args.fp16_weights, flip_average=args.flip_average,

@@ -33,10 +33,11 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "embedding"
 
 
-def export_onnx(model, path: Path, opset: int = OPSET) -> None:
+def export_onnx(model, path: Path, opset: int = OPSET, size: int = 150) -> None:
+    """Tower contract: input `image` NHWC (N, size, size, 3), output `embedding`, dynamic batch."""
     import torch
 
-    dummy = torch.zeros(1, 150, 150, 3, dtype=torch.float32)
+    dummy = torch.zeros(1, size, size, 3, dtype=torch.float32)
     with warnings.catch_warnings():
         # add_prev's pad sizes are traced as constants on purpose (only the batch is dynamic);
         # the TorchScript exporter is used because it needs no onnxscript
@@ -50,8 +51,8 @@ def export_onnx(model, path: Path, opset: int = OPSET) -> None:
         )
 
 
-def check_onnx(model, path: Path, atol: float = 1e-4) -> float:
-    """onnx.checker + onnxruntime vs torch on seeded random chips; returns max |diff|."""
+def check_onnx(model, path: Path, atol: float = 1e-4, size: int = 150, dim: int = 128) -> float:
+    """onnx.checker + onnxruntime vs torch on seeded random chips (batch 1 and 3); returns max |diff|."""
     import onnx
     import onnxruntime as ort
     import torch
@@ -66,11 +67,11 @@ def check_onnx(model, path: Path, atol: float = 1e-4) -> float:
     rng = np.random.default_rng(0)
     worst = 0.0
     for n in (1, 3):
-        x = rng.integers(0, 256, size=(n, 150, 150, 3)).astype(np.float32)
+        x = rng.integers(0, 256, size=(n, size, size, 3)).astype(np.float32)
         got = sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
         with torch.no_grad():
             want = model(torch.from_numpy(x)).numpy()
-        assert got.shape == (n, 128) and got.dtype == np.float32
+        assert got.shape == (n, dim) and got.dtype == np.float32
         worst = max(worst, float(np.abs(got - want).max()))
     if worst > atol:
         raise AssertionError(f"onnxruntime differs from torch by {worst:.3g} > {atol}")
