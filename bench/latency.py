@@ -3,7 +3,7 @@
 Three inputs, each analysed `--runs` times after `--warmup` untimed runs, through
 `Pipeline.analyse` (the exact code behind /verify):
 
-  chip    a simulated ID-chip photo (service.chipsim: 102x126 JPEG2000, ~1 KB) -> id tower
+  chip    a simulated ID-chip photo (models.eval.chipsim: 102x126 JPEG2000, ~1 KB) -> id tower
   frame   a 640x480 JPEG camera frame (the face image scaled to 360 px high, centred on a
           blurred copy of itself) -> live tower
   lfw     one 250x250 LFW image (JPEG) -> live tower; target: detect+align+embed median <= 30 ms
@@ -78,8 +78,8 @@ def make_inputs(pipeline, img: np.ndarray, img_bytes: bytes, is_lfw: bool) -> di
     import cv2
     from PIL import Image
 
-    from service import chipsim
-    from service.detect import select_face
+    from models.eval import chipsim
+    from service.face.detect import select_face
 
     landmarks = None
     if not is_lfw:  # not LFW-framed: crop the chip on detected landmarks
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     thread_list = [int(t) for t in str(args.threads).split(",")] if args.threads is not None else [None]
 
-    from service.evaluate import load_pipeline
+    from models.eval.cli import load_pipeline
     from service.settings import Settings
 
     results, descs, infos = {}, {}, []

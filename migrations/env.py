@@ -1,13 +1,13 @@
 """Alembic environment: the URL comes from `idverify migrate` (config.attributes) or from the
-settings (IDV_DATABASE_URL); the metadata from service.dbmodels."""
+settings (IDV_DATABASE_URL); the metadata from service.records.tables."""
 from __future__ import annotations
 
 from alembic import context
 
-from service.db import make_engine, normalise_url
-from service.dbmodels import Base
+from service.records.engine import make_engine, normalise_url
+from service.records.tables import Base
 import service.console.sessions  # noqa: F401,E402 - tables defined outside dbmodels (migration 0002)
-import service.retention  # noqa: F401,E402
+import service.records.retention  # noqa: F401,E402
 
 config = context.config
 target_metadata = Base.metadata

@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import keys
-from service.db import make_engine, schema_is_current
+from service.records import keys
+from service.records.engine import make_engine, schema_is_current
 from service.errors import INVALID_REQUEST, MISSING_FIELD, ApiError
 from service.metrics import Metrics, MetricsMiddleware
 from service.ratelimit import RateLimiter
@@ -26,7 +26,7 @@ log = logging.getLogger("idverify.app")
 
 
 def load_pipeline(settings: Settings):
-    from service.pipeline import Pipeline
+    from service.face.pipeline import Pipeline
 
     pipeline = Pipeline.from_settings(settings)
     pipeline.warmup()
@@ -55,7 +55,8 @@ def create_app(settings: Settings | None = None, pipeline=None) -> FastAPI:
     app = FastAPI(title="idverify", version="0.1.0", lifespan=lifespan,
                   description="Identity verification: ID-chip photo vs live photo, with an audit trail.")
     app.state.settings = settings
-    from service import console, retention
+    from service import console
+    from service.records import retention
 
     app.state.image_cipher = retention.cipher_for(settings)  # refuses to start: retention on without a usable key
     app.state.engine = engine

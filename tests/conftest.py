@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 import service.console.sessions  # noqa: F401,E402 - registers console_sessions on Base.metadata
-import service.retention  # noqa: F401,E402 - registers retained_images on Base.metadata
+import service.records.retention  # noqa: F401,E402 - registers retained_images on Base.metadata
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def pg_database_factory(pg_server):
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
 def database_url(request, tmp_path_factory):
     """A migrated database, once per backend per session."""
-    from service.db import migrate
+    from service.records.engine import migrate
 
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'audit.db'}"
@@ -87,7 +87,7 @@ def database_url(request, tmp_path_factory):
 @pytest.fixture
 def db_url(database_url):
     """The backend's database with its tables emptied for this test."""
-    from service.db import make_engine
+    from service.records.engine import make_engine
 
     engine = make_engine(database_url)
     with engine.begin() as conn:
@@ -99,7 +99,7 @@ def db_url(database_url):
 
 @pytest.fixture
 def engine(db_url):
-    from service.db import make_engine
+    from service.records.engine import make_engine
 
     engine = make_engine(db_url)
     yield engine
@@ -162,7 +162,7 @@ def make_client(db_url):
 
 @pytest.fixture
 def admin_key(engine):
-    from service import keys
+    from service.records import keys
 
     return keys.create_key(engine, "admin", "test-admin")[1]
 
@@ -170,7 +170,7 @@ def admin_key(engine):
 @pytest.fixture
 def role_keys(engine) -> dict[str, str]:
     """role -> plaintext key, one per role."""
-    from service import keys
+    from service.records import keys
 
     return {role: keys.create_key(engine, role, f"test-{role}")[1] for role in keys.ROLES}
 

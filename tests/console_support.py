@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service import audit
+from service.records import audit
 
 # Used only when the model ships no calibration table yet (the conftest `pipeline` fixture then
 # skips): the towers are real, the threshold is fixed. 0.95 separates LFW fold-1 pairs for the

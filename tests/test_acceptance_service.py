@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.evaluate import image_relpath, read_pairs
+from models.eval.pairs import image_relpath, read_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "bootstrap-admin-" + os.urandom(8).hex()

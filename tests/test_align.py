@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from service.align import (DLIB_CHIP_TEMPLATE, DLIB_CHIP_TEMPLATE_DERIVED, DLIB_CHIP_TEMPLATE_FITTED,
+from service.face.align import (DLIB_CHIP_TEMPLATE, DLIB_CHIP_TEMPLATE_DERIVED, DLIB_CHIP_TEMPLATE_FITTED,
                            DLIB_MEAN_FACE_X, DLIB_MEAN_FACE_Y, align, dlib_chip_template,
                            estimate_similarity, five_points_from_68)
 

@@ -1,11 +1,11 @@
-"""service/align_box.py: FaceNet-style box crops."""
+"""studies/align_box.py: FaceNet-style box crops."""
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
 
-from service.align_box import box_crop_matrix, crop_box, points_in_crop
+from studies.align_box import box_crop_matrix, crop_box, points_in_crop
 
 
 def test_box_fills_size_minus_margin():

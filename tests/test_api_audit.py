@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import text
 
-from service import audit
+from service.records import audit
 from service.cli import main as cli
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from service import audit, keys
+from service.records import audit, keys
 from service.cli import main as cli
-from service.dbmodels import ApiKey, AuditRecord
+from service.records.tables import ApiKey, AuditRecord
 
 # (method, path, json body, roles allowed)
 ROUTES = [

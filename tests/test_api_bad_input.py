@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from service import audit
-from service.dbmodels import AuditRecord
+from service.records import audit
+from service.records.tables import AuditRecord
 
 KNOWN_CODES = {"missing_field", "invalid_request", "unsupported_media_type", "image_undecodable",
                "image_too_large", "no_face", "face_too_small", "unauthorized", "forbidden", "rate_limited"}

@@ -11,8 +11,8 @@ import threading
 import httpx
 from sqlalchemy import select
 
-from service import audit, keys
-from service.dbmodels import AuditRecord
+from service.records import audit, keys
+from service.records.tables import AuditRecord
 
 ANSWER_KEYS = {"request_id", "decision", "score", "threshold", "far_target", "model_version", "faces", "timings_ms"}
 FACE_KEYS = {"box", "landmarks", "detection_score", "face_px", "faces_seen", "quality"}

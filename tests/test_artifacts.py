@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.artifacts import ArtifactError
-from service.pipeline import Pipeline
+from service.face.artifacts import ArtifactError
+from service.face.pipeline import Pipeline
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent / "models" / "repository"
@@ -59,7 +59,7 @@ def test_app_does_not_start_on_a_mismatch(repo_copy, tmp_path):
     from fastapi.testclient import TestClient
 
     from service.app import create_app
-    from service.db import migrate
+    from service.records.engine import migrate
 
     (repo_copy / "mtcnn" / "1" / "onet.onnx").write_bytes(b"not the model")
     url = f"sqlite:///{tmp_path / 'a.db'}"

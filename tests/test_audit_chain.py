@@ -5,7 +5,7 @@ How: the real app is served by uvicorn (conftest's live_server) on a fresh Postg
 and 200 threads, released together by a barrier, each POST one /verify with real photos (LFW
 pairs when ../shared/data is there, else insightface's bundled photos) through the real
 pipeline (models loaded once per session). Appends are serialised by the advisory lock in
-service/audit.py. Then `verify_chain` must pass over exactly the 200 records the answers named,
+service/records/audit.py. Then `verify_chain` must pass over exactly the 200 records the answers named,
 and after a direct UPDATE of one row `idverify audit verify` must exit 1 naming that row.
 On 2 shared cores the 200 calls take about 20 s. Only when the models cannot be loaded at all
 does the app run without them: every call then ends as an audited `not_ready` rejection, which
@@ -24,11 +24,11 @@ import pytest
 from sqlalchemy import select, text
 
 from console_support import append_record, lfw_pairs, real_pipeline
-from service import audit, keys
+from service.records import audit, keys
 from service.app import create_app
 from service.cli import main as cli
-from service.db import make_engine, migrate
-from service.dbmodels import AuditRecord
+from service.records.engine import make_engine, migrate
+from service.records.tables import AuditRecord
 from service.settings import Settings
 
 CALLS = 200

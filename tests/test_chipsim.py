@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import chipsim
+from models.eval import chipsim
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,7 +122,7 @@ def test_chips_of_lfw_images_are_detected():
     mtcnn = ROOT / "models" / "repository" / "mtcnn" / "1"
     if not (mtcnn / "manifest.json").exists():
         pytest.skip(f"MTCNN artifacts not found at {mtcnn}")
-    from service.detect import FaceDetector, select_face
+    from service.face.detect import FaceDetector, select_face
     det = FaceDetector.from_dir(mtcnn, threads=1)
     names = ["Abel_Pacheco", "Akhmed_Zakayev", "George_W_Bush", "Serena_Williams", "Colin_Powell", "Jennifer_Aniston"]
     widths, eyes = [], []

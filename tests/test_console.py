@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from console_support import append_record, csrf_from, seed, sign_in
-from service import keys
+from service.records import keys
 from service.console import sessions
 
 

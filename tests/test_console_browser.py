@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from console_support import FALLBACK_THRESHOLD, lfw_pairs, real_pipeline, seed
-from service import keys, retention
+from service.records import keys, retention
 from service.app import create_app
-from service.db import make_engine, migrate
+from service.records.engine import make_engine, migrate
 from service.settings import Settings
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -71,7 +71,7 @@ def console_site(request, tmp_path, live_server):
         # a view of the same pipeline with a fixed threshold, so the list has no-matches to filter
         import copy
 
-        from service.decide import Threshold
+        from service.face.decide import Threshold
 
         pipeline = copy.copy(pipeline)
         pipeline.threshold = Threshold(score=FALLBACK_THRESHOLD, far=None)

@@ -1,4 +1,4 @@
-"""service/decode.py: formats, modes, EXIF orientation, caps and error codes.
+"""service/face/decode.py: formats, modes, EXIF orientation, caps and error codes.
 
 Every input is generated here from a package image (skimage's astronaut), so nothing binary is
 checked in."""
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.decode import decode_image, sniff_format
+from service.face.decode import decode_image, sniff_format
 from service.errors import ApiError
 from service.settings import Settings
 

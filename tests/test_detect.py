@@ -1,4 +1,4 @@
-"""service/detect.py: the MTCNN cascade on real photos, coordinate mapping for big and small
+"""service/face/detect.py: the MTCNN cascade on real photos, coordinate mapping for big and small
 frames, manifest checks, face selection, and the exported graphs against their torch source.
 
 Images come from installed packages (insightface's sample images, skimage's astronaut) and, when
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.decode import decode_image
-from service.detect import DetectorArtifactError, Face, FaceDetector, nms, select_face
+from service.face.decode import decode_image
+from service.face.detect import DetectorArtifactError, Face, FaceDetector, nms, select_face
 from service.settings import ROOT, Settings
 
 MODEL_DIR = ROOT / "models" / "repository" / "mtcnn" / "1"

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import evaluate as ev
+from models.eval import cli as eval_cli
+from models.eval import docs, embedder, metrics, protocols
+from models.eval import pairs as lfw_pairs
 
 # --------------------------------------------------------------------------- metrics
 
@@ -17,7 +19,7 @@ from service import evaluate as ev
 def test_best_threshold_separable():
     scores = [0.1, 0.2, 0.3, 0.7, 0.8, 0.9]
     labels = [0, 0, 0, 1, 1, 1]
-    thr, acc = ev.best_threshold(scores, labels)
+    thr, acc = metrics.best_threshold(scores, labels)
     assert acc == 1.0
     assert 0.3 < thr < 0.7
 
@@ -26,10 +28,10 @@ def test_best_threshold_known_error_and_inf():
     # one mismatched pair scores above every matched one; FTA (-inf) matched pair is a miss
     scores = [0.1, 0.2, 0.95, 0.6, 0.7, -math.inf]
     labels = [0, 0, 0, 1, 1, 1]
-    thr, acc = ev.best_threshold(scores, labels)
+    thr, acc = metrics.best_threshold(scores, labels)
     assert acc == pytest.approx(4 / 6)
     assert 0.2 < thr <= 0.6
-    assert ev.accuracy_at(scores, labels, thr) == pytest.approx(4 / 6)
+    assert metrics.accuracy_at(scores, labels, thr) == pytest.approx(4 / 6)
 
 
 def test_kfold_accuracy_known_answer():
@@ -43,7 +45,7 @@ def test_kfold_accuracy_known_answer():
             scores.append(s)
             labels.append(same)
             folds.append(f)
-    r = ev.kfold_accuracy(scores, labels, folds)
+    r = metrics.kfold_accuracy(scores, labels, folds)
     per = {p["fold"]: p for p in r["per_fold"]}
     assert per[3]["accuracy"] == pytest.approx(0.5)
     assert all(per[f]["accuracy"] == 1.0 for f in per if f != 3)
@@ -62,12 +64,12 @@ def test_kfold_two_folds_cross_and_single_fold_self():
     scores = [0.9, 0.8, 0.1, 0.2, 0.6, 0.7, 0.65, 0.3]
     labels = [1, 1, 0, 0, 1, 1, 0, 0]
     folds = [9, 9, 9, 9, 10, 10, 10, 10]
-    r = ev.kfold_accuracy(scores, labels, folds, [9, 10])
+    r = metrics.kfold_accuracy(scores, labels, folds, [9, 10])
     per = {p["fold"]: p for p in r["per_fold"]}
     assert per[9]["threshold_from_folds"] == [10] and per[10]["threshold_from_folds"] == [9]
     # fold 10 separates at (0.65, 0.7] -> fold 9 perfect; fold 9's threshold is in (0.2, 0.8]
     assert per[9]["accuracy"] == 1.0
-    r1 = ev.kfold_accuracy(scores[:4], labels[:4], folds[:4], [9])
+    r1 = metrics.kfold_accuracy(scores[:4], labels[:4], folds[:4], [9])
     assert r1["threshold_selection"] == "self" and r1["note"]
     assert r1["mean"] == 1.0
 
@@ -75,7 +77,7 @@ def test_kfold_two_folds_cross_and_single_fold_self():
 def test_tar_at_far_known_answer():
     imp = np.arange(1000) / 1000.0          # 0.000 .. 0.999
     gen = [0.5, 0.9895, 0.995, 0.9991, -math.inf]
-    rows = {r["far_target"]: r for r in ev.tar_at_far(gen, imp, (1e-2, 1e-3, 1e-4))}
+    rows = {r["far_target"]: r for r in metrics.tar_at_far(gen, imp, (1e-2, 1e-3, 1e-4))}
     r = rows[1e-2]                           # 10 false accepts allowed: 0.990 .. 0.999
     assert r["false_accepts"] == 10 and r["far"] == pytest.approx(0.01)
     assert 0.989 < r["threshold"] <= 0.990
@@ -91,14 +93,14 @@ def test_tar_at_far_known_answer():
 
 def test_tar_at_far_ties_are_conservative():
     imp = np.array([0.5] * 10 + [0.1] * 90)
-    r = ev.tar_at_far([0.5, 0.6], imp, (0.05,))[0]
+    r = metrics.tar_at_far([0.5, 0.6], imp, (0.05,))[0]
     # 5 allowed, but the 10 tied at 0.5 cannot be split: all rejected
     assert r["false_accepts"] == 0 and r["threshold"] > 0.5 and r["tar"] == 0.5
 
 
 def test_fta_never_accepted():
     imp = np.array([-np.inf] * 50 + [0.3] * 50)
-    rows = ev.tar_at_far([-math.inf, 0.9], imp, (1.0, 0.6))
+    rows = metrics.tar_at_far([-math.inf, 0.9], imp, (1.0, 0.6))
     for r in rows:
         assert r["false_accepts"] == 50   # the -inf half is never accepted, even at FAR 1
         assert r["tar"] == 0.5
@@ -107,7 +109,7 @@ def test_fta_never_accepted():
 def test_calibration_table_format_and_monotone():
     rng = np.random.default_rng(0)
     imp = rng.normal(0.5, 0.05, 200_000)
-    table = ev.calibration_table(imp)
+    table = metrics.calibration_table(imp)
     fars = [r["far_target"] for r in table]
     assert max(fars) == pytest.approx(0.1) and min(fars) == pytest.approx(1e-5)
     scores = [r["score"] for r in table]
@@ -118,10 +120,10 @@ def test_calibration_table_format_and_monotone():
         assert set(r) >= {"score", "far"}
         assert (imp >= r["score"]).mean() == pytest.approx(r["far"])
     # unresolvable targets are left out
-    small = ev.calibration_table(rng.normal(size=5000))
+    small = metrics.calibration_table(rng.normal(size=5000))
     assert min(r["far_target"] for r in small) == pytest.approx(2e-4)
     # the decision module can read it
-    from service.decide import Threshold
+    from service.face.decide import Threshold
     t = Threshold.from_calibration(table, score=None, far_target=1e-3)
     assert t.far <= 1e-3
     assert t.score == pytest.approx(next(r["score"] for r in table if r["far_target"] == 1e-3))
@@ -130,7 +132,7 @@ def test_calibration_table_format_and_monotone():
 def test_roc_points_monotone():
     rng = np.random.default_rng(1)
     gen, imp = rng.normal(0.8, 0.05, 500), rng.normal(0.5, 0.05, 20000)
-    roc = ev.roc_points(gen, imp)
+    roc = metrics.roc_points(gen, imp)
     assert roc["far"][0] <= 1 / 20000 + 1e-12 and roc["far"][-1] == 1.0
     assert all(np.diff(roc["tar"]) >= 0)
 
@@ -140,11 +142,11 @@ def test_cross_scores_masks():
     e[1] = e[0]                                   # images 0 and 1: same person, same face
     ok = np.array([True, True, True, False])     # image 3 failed to acquire
     ident, files = [0, 0, 1, 2], [0, 1, 2, 3]
-    imp, gen = ev._cross_scores(e, ok, ident, files, e, ok, ident, files, symmetric=True)
+    imp, gen = metrics.cross_scores(e, ok, ident, files, e, ok, ident, files, symmetric=True)
     assert sorted(gen.tolist()) == [1.0]          # (0,1)
     assert imp.size == 5                          # (0,2) (0,3) (1,2) (1,3) (2,3)
     assert np.isneginf(imp).sum() == 3
-    imp, gen = ev._cross_scores(e, ok, ident, files, e, ok, ident, files, symmetric=False)
+    imp, gen = metrics.cross_scores(e, ok, ident, files, e, ok, ident, files, symmetric=False)
     assert gen.size == 2 and imp.size == 10       # same file excluded from genuine
 
 
@@ -160,25 +162,25 @@ def _pairs_file(tmp_path: Path) -> Path:
 
 
 def test_read_and_select_pairs(tmp_path):
-    pairs = ev.read_pairs(_pairs_file(tmp_path))
+    pairs = lfw_pairs.read_pairs(_pairs_file(tmp_path))
     assert len(pairs) == 8
-    assert pairs[0] == ev.Pair(1, ("A", 1), ("A", 2), True)
-    assert pairs[7] == ev.Pair(2, ("H", 1), ("F", 2), False)
-    assert ev.image_relpath(("Abel_Pacheco", 4)) == "Abel_Pacheco/Abel_Pacheco_0004.jpg"
-    sel = ev.select_pairs(pairs, [2], limit=2)
+    assert pairs[0] == lfw_pairs.Pair(1, ("A", 1), ("A", 2), True)
+    assert pairs[7] == lfw_pairs.Pair(2, ("H", 1), ("F", 2), False)
+    assert lfw_pairs.image_relpath(("Abel_Pacheco", 4)) == "Abel_Pacheco/Abel_Pacheco_0004.jpg"
+    sel = lfw_pairs.select_pairs(pairs, [2], limit=2)
     assert [p.same for p in sel] == [True, False] and all(p.fold == 2 for p in sel)
-    assert ev.parse_folds("1-10") == list(range(1, 11))
-    assert ev.parse_folds("9,10") == [9, 10]
-    assert ev.parse_folds("1,3-4") == [1, 3, 4]
+    assert lfw_pairs.parse_folds("1-10") == list(range(1, 11))
+    assert lfw_pairs.parse_folds("9,10") == [9, 10]
+    assert lfw_pairs.parse_folds("1,3-4") == [1, 3, 4]
     with pytest.raises(ValueError):
-        ev.parse_folds("0-3")
+        lfw_pairs.parse_folds("0-3")
 
 
 def test_cli_registers_eval():
     from service.cli import build_parser
     args = build_parser().parse_args(["eval", "--protocol", "lfw-ivs", "--folds", "9,10", "--no-extended", "--limit", "4"])
     assert args.protocol == "lfw-ivs" and args.folds == "9,10" and args.extended_impostors is False
-    assert args.limit == 4 and args.func is ev.run_cli
+    assert args.limit == 4 and args.func is eval_cli.run_cli
 
 
 # --------------------------------------------------------------------------- real run
@@ -194,7 +196,7 @@ def pipeline():
     if not (_data_dir() / "lfw" / "pairs.txt").exists():
         pytest.skip(f"LFW not found under {_data_dir()} (set IDV_DATA_DIR)")
     try:
-        return ev.load_pipeline()
+        return eval_cli.load_pipeline()
     except (ImportError, FileNotFoundError, RuntimeError, ValueError) as exc:
         pytest.skip(f"pipeline or model artifacts not available: {exc!r}")
 
@@ -203,7 +205,7 @@ def test_embedder_matches_pipeline_analyse(pipeline):
     """The batched path used by eval gives the same embeddings as Pipeline.analyse."""
     data_dir = _data_dir()
     rels = ["Abel_Pacheco/Abel_Pacheco_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0004.jpg"]
-    emb = ev.Embedder(pipeline, data_dir, seed=0, batch_size=8, progress=False)
+    emb = embedder.Embedder(pipeline, data_dir, seed=0, batch_size=8, progress=False)
     emb.run([(r, "live") for r in rels] + [(rels[0], "id")])
     for r in rels:
         side = pipeline.analyse((data_dir / "lfw" / "images" / r).read_bytes(), "live_photo", {})
@@ -214,14 +216,14 @@ def test_embedder_matches_pipeline_analyse(pipeline):
     # the vectorised score is the pipeline's score
     a = pipeline.analyse((data_dir / "lfw" / "images" / rels[1]).read_bytes(), "live_photo", {})
     s = pipeline.compare(side, a)
-    from service.score import similarity_matrix
+    from service.face.score import similarity_matrix
     assert float(similarity_matrix(side.embedding[None], a.embedding[None])[0, 0]) == pytest.approx(s, abs=1e-6)
 
 
 @pytest.mark.parametrize("protocol", ["lfw", "lfw-ivs"])
 def test_small_real_run_writes_report(pipeline, tmp_path, protocol):
     out = tmp_path / protocol
-    report = ev.evaluate(protocol, [1], pipeline, _data_dir(), limit=6, out=out, progress=False)
+    report = protocols.evaluate(protocol, [1], pipeline, _data_dir(), limit=6, out=out, progress=False)
     files = {p.name for p in out.iterdir()}
     assert {"report.json", "roc.png", "det.png", "pair_scores.csv"} <= files
     for png in ("roc.png", "det.png"):
@@ -239,8 +241,8 @@ def test_small_real_run_writes_report(pipeline, tmp_path, protocol):
     assert report["accuracy"]["mean"] >= 0.5
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nother text\n")
-    ev.write_docs_section(report, out, doc=doc)
-    ev.write_docs_section(report, out, doc=doc)           # replaces its own section, once
+    docs.write_docs_section(report, out, doc=doc)
+    docs.write_docs_section(report, out, doc=doc)           # replaces its own section, once
     text = doc.read_text()
     assert text.count(f"idverify eval {protocol} folds 1:start") == 1 and "other text" in text
     assert "| 0.001 |" in text

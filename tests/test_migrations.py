@@ -11,8 +11,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from service.db import make_engine, migrate, schema_is_current
-from service.dbmodels import Base
+from service.records.engine import make_engine, migrate, schema_is_current
+from service.records.tables import Base
 from service.settings import Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +42,7 @@ def test_upgrade_matches_models_and_downgrades(fresh_url):
 
         from alembic import command
 
-        from service.db import alembic_config
+        from service.records.engine import alembic_config
         command.downgrade(alembic_config(fresh_url), "base")
         engine.dispose()
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from console_support import real_pipeline, sign_in
-from service import audit, retention
+from service.records import audit, retention
 from service.app import create_app
 from service.cli import main as cli
 from service.settings import Settings

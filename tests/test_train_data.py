@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from models.eval.pairs import fold_identities, lfw_key, read_pairs
 from models.train import data as D
 from service.settings import get_settings
 
@@ -46,7 +47,7 @@ def test_assert_no_reserved_raises():
     reserved = D.reserved_identities(DATA)
     name = sorted(reserved)[0]
     with pytest.raises(D.ReservedIdentityError):
-        D.assert_no_reserved([D.lfw_key(name, 1)], reserved)
+        D.assert_no_reserved([lfw_key((name, 1))], reserved)
     with pytest.raises(D.ReservedIdentityError):
         D.assert_no_reserved(["holdout/frmdb/mugshots/001/Img_11.jpg"], reserved)
 
@@ -81,6 +82,6 @@ def test_utk_labels_and_split_are_deterministic():
 def test_parse_pairs(tmp_path):
     p = tmp_path / "pairs.txt"
     p.write_text("2\t1\nA\t1\t2\nA\t1\tB\t1\nC\t1\t3\nD\t2\tE\t1\n")
-    pairs = D.parse_pairs(p)
+    pairs = read_pairs(p)   # the one pairs.txt reader, shared with evaluation
     assert [q.fold for q in pairs] == [1, 1, 2, 2]
-    assert D.fold_identities(pairs, [2]) == {"C", "D", "E"}
+    assert fold_identities(pairs, [2]) == {"C", "D", "E"}

@@ -51,7 +51,7 @@ def shipped_versions():
 
 @pytest.mark.parametrize("folder", shipped_versions(), ids=lambda p: p.name)
 def test_shipped_manifest_schema(folder):
-    from service.artifacts import sha256_file
+    from service.face.artifacts import sha256_file
     base = json.loads((REPO / "baseline" / "manifest.json").read_text())
     man = json.loads((folder / "manifest.json").read_text())
     assert set(base) - {"calibration"} <= set(man)
@@ -79,7 +79,7 @@ def test_shipped_manifest_schema(folder):
 
 @pytest.mark.parametrize("folder", shipped_versions(), ids=lambda p: p.name)
 def test_shipped_version_loads_in_the_service(folder):
-    from service.artifacts import load_towers
+    from service.face.artifacts import load_towers
     towers = load_towers(REPO.parent, "towers", folder.name, ["CPUExecutionProvider"], 1)
     chips = np.zeros((2, 150, 150, 3), np.uint8)
     assert towers.id.embed(chips).shape == (2, 128)

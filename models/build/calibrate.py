@@ -17,15 +17,19 @@ import json
 import sys
 from pathlib import Path
 
-from service.artifacts import sha256_file
-from service.evaluate import evaluate, load_pipeline, parse_folds
+from service.face.artifacts import sha256_file
+from models.eval.cli import load_pipeline
+from models.eval.pairs import parse_folds
+from models.eval.protocols import evaluate
+from models.eval.report import summarise
 from service.settings import get_settings
 
 RESERVED = {9, 10}
 
 
 def write_calibration(folder: Path, report: dict, source: str) -> dict:
-    """calibration.json beside the manifest, and the manifest pointing at it with its hash."""
+    """The one calibration writer (this CLI and `models.train.export` both call it):
+    calibration.json beside the manifest, and the manifest pointing at it with its hash."""
     (folder / "calibration.json").write_text(json.dumps({
         "table": report["calibration"],
         "source": source,
@@ -37,18 +41,6 @@ def write_calibration(folder: Path, report: dict, source: str) -> dict:
     manifest["calibration_sha256"] = sha256_file(folder / "calibration.json")
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def summarise(report: dict) -> dict:
-    return {
-        "accuracy": round(report["accuracy"]["mean"], 5),
-        "tar_at_far": {f"{r['far_target']:.0e}": round(r["tar"], 4) for r in report["tar_at_far"]},
-        "pairs": report["counts"]["pairs"],
-        "impostors": report["counts"]["impostor"],
-        "fta": {side: v["failed"] for side, v in report["fta"].items() if isinstance(v, dict) and "failed" in v},
-        "chipsim": (report.get("chipsim") or {}).get("version"),
-        "command": report.get("command"),
-    }
 
 
 def record_metrics(folder: Path, pipeline, data_dir: Path) -> dict:

@@ -28,7 +28,7 @@ on LFW folds 1-8 for the box crop.
 
 The manifest's template is ``{"kind": "box", "size": 160, "margin": 32}``: FaceNet's own box
 crop (service/align_box.crop_box), which measured better than the fitted 5-point similarity chip on
-LFW folds 1-8 (bench/facenet_study.py). It also carries ``points``: a 5-point template for 160 px
+LFW folds 1-8 (studies/facenet_study.py). It also carries ``points``: a 5-point template for 160 px
 chips (where our MTCNN's landmarks land in those box crops), so a pipeline without box mode
 still loads the version and aligns with it (worse: see the numbers in the manifest).
 """
@@ -55,7 +55,7 @@ DIM = 512
 # 5-point template for 160 px FaceNet chips, (x, y) chip pixels, MTCNN order (left eye, right
 # eye, nose, left mouth, right mouth): the mean position of our MTCNN's landmarks in
 # facenet-style box crops (box + margin 32 px of 160, stretched to 160x160), symmetrised,
-# fitted on LFW folds 1-8 by bench/facenet_study.py.
+# fitted on LFW folds 1-8 by studies/facenet_study.py.
 FACENET_TEMPLATE_160 = np.array([
     [50.99, 65.92],
     [108.01, 65.92],
@@ -100,7 +100,7 @@ NORMALISATION = {
 
 def build_manifest(onnx_sha: str, pb_path: Path, fp16: bool, template: np.ndarray = FACENET_TEMPLATE_160,
                    flip_average: bool = False, standardisation: str = "fixed") -> dict:
-    from service.align import POINT_NAMES
+    from service.face.align import POINT_NAMES
 
     pkg = package_version
     entry = {"file": "backbone.onnx", "sha256": onnx_sha}
@@ -122,8 +122,8 @@ def build_manifest(onnx_sha: str, pb_path: Path, fp16: bool, template: np.ndarra
             "margin": BOX_MARGIN,
             "note": "box crop, the way FaceNet was trained: the MTCNN box grown by margin/2 chip px on each "
                     "side (margin in output pixels, scale-free), stretched to size x size, zeros outside the "
-                    "image (service/align_box.py crop_box(image, face.box, size, margin)); needs the "
-                    "pipeline's box mode. LFW folds 1-8 (bench/facenet_study.py): box 98.33 % plain / "
+                    "image (studies/align_box.py crop_box(image, face.box, size, margin)); needs the "
+                    "pipeline's box mode. LFW folds 1-8 (studies/facenet_study.py): box 98.33 % plain / "
                     "98.46 % flip-averaged vs the 5-point template below 97.83 % / 98.10 %",
             "order": list(POINT_NAMES),
             "points": np.round(np.asarray(template, np.float64), 3).tolist(),

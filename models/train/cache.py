@@ -53,9 +53,9 @@ class Frontend:
     """Detection + alignment + chip simulation exactly as the service composes them."""
 
     def __init__(self, threads: int = 1):
-        from service.align import align  # noqa: F401  (fail early if missing)
-        from service.artifacts import resolve_version
-        from service.detect import FaceDetector
+        from service.face.align import align  # noqa: F401  (fail early if missing)
+        from service.face.artifacts import resolve_version
+        from service.face.detect import FaceDetector
         from service.runtime import choose_providers
         s = _settings_bits()
         providers = choose_providers("cpu")
@@ -66,7 +66,7 @@ class Frontend:
         self.template, self.size = tower_template()
 
     def face(self, img: np.ndarray):
-        from service.detect import select_face
+        from service.face.detect import select_face
         faces = self.detector.detect(img)
         if not faces:
             return None, 0
@@ -76,7 +76,7 @@ class Frontend:
         return f, len(faces)
 
     def aligned(self, img: np.ndarray, face) -> np.ndarray:
-        from service.align import align
+        from service.face.align import align
         return align(img, face.landmarks, self.template, self.size)
 
 
@@ -102,9 +102,9 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def decode_bytes(data: bytes, field: str = "id_photo") -> np.ndarray:
-    """Bytes -> RGB as the service decodes them (service.decode when present, else PIL)."""
+    """Bytes -> RGB as the service decodes them (service.face.decode when present, else PIL)."""
     try:
-        from service.decode import decode_image
+        from service.face.decode import decode_image
     except ImportError:
         from PIL import Image
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -178,7 +178,7 @@ def build_shard(items: list[Item], cfg: CacheConfig, frontend: Frontend, net, wi
     """flip=True: the aligned chips are mirrored before the frozen layers (the service's
     test-time flip-averaging embeds both)."""
     import torch
-    from service.chipsim import chip_rng, simulate_chip
+    from models.eval.chipsim import chip_rng, simulate_chip
     n = len(items)
     out = _empty(n)
     chips: dict[str, list[tuple[int, np.ndarray]]] = {v: [] for v in VARIANTS}

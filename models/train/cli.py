@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CACHE = ROOT / ".cache" / "train" / "v1"
-DEFAULT_RUNS = ROOT / ".cache" / "train" / "runs"
+from models.train.paths import DEFAULT_CACHE, DEFAULT_RUNS
+
+REQUIRES = ("torch",)  # the `train` extra; without it `idverify train|adapt` are not offered
 
 
 def register(sub) -> None:

@@ -16,19 +16,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.eval.pairs import fold_identities, read_pairs
+
 EVAL_FOLDS = (9, 10)
 VAL_FOLD = 8                 # identities of fold 8 (not reserved): validation + calibration, never trained on
 UTK_RE = re.compile(r"^(\d+)_(\d)_(\d)_(\d+)\.jpg\.chip\.jpg$")
 UTK_RACES = ("white", "black", "asian", "indian", "other")
 AGE_BINS = (0, 13, 20, 30, 40, 50, 60, 200)   # upper-exclusive bins for the age-group head
-
-
-@dataclass(frozen=True)
-class Pair:
-    fold: int
-    a: tuple[str, int]
-    b: tuple[str, int]
-    same: bool
 
 
 @dataclass
@@ -39,42 +33,9 @@ class Item:
     labels: dict = field(default_factory=dict)   # gender (0 m / 1 f), age (years), race (0-4)
 
 
-def lfw_key(name: str, idx: int) -> str:
-    return f"lfw/images/{name}/{name}_{int(idx):04d}.jpg"
-
-
-def parse_pairs(pairs_path: Path) -> list[Pair]:
-    """LFW View-2 pairs.txt -> pairs with their fold number (1-based)."""
-    lines = Path(pairs_path).read_text().splitlines()
-    n_folds, n_per = (int(v) for v in lines[0].split())
-    out: list[Pair] = []
-    body = [ln.split() for ln in lines[1:] if ln.strip()]
-    if len(body) != n_folds * 2 * n_per:
-        raise ValueError(f"{pairs_path}: expected {n_folds * 2 * n_per} pair lines, got {len(body)}")
-    for k, parts in enumerate(body):
-        fold = k // (2 * n_per) + 1
-        if len(parts) == 3:
-            out.append(Pair(fold, (parts[0], int(parts[1])), (parts[0], int(parts[2])), True))
-        elif len(parts) == 4:
-            out.append(Pair(fold, (parts[0], int(parts[1])), (parts[2], int(parts[3])), False))
-        else:
-            raise ValueError(f"{pairs_path}: bad line {k + 2}: {parts}")
-    return out
-
-
-def fold_identities(pairs: list[Pair], folds) -> set[str]:
-    folds = set(folds)
-    names: set[str] = set()
-    for p in pairs:
-        if p.fold in folds:
-            names.add(p.a[0])
-            names.add(p.b[0])
-    return names
-
-
 def reserved_identities(data_dir: Path) -> set[str]:
     """Every identity appearing in folds 9-10 of LFW View 2: evaluation only."""
-    return fold_identities(parse_pairs(Path(data_dir) / "lfw" / "pairs.txt"), EVAL_FOLDS)
+    return fold_identities(read_pairs(Path(data_dir) / "lfw" / "pairs.txt"), EVAL_FOLDS)
 
 
 class ReservedIdentityError(AssertionError):
@@ -125,7 +86,7 @@ def lfw_split(data_dir: Path, val_fold: int = VAL_FOLD) -> LfwSplit:
     """LFW images outside the reserved identities. Identities of `val_fold` go to validation
     (model selection, unit probe, calibration); all others to training."""
     data_dir = Path(data_dir)
-    pairs = parse_pairs(data_dir / "lfw" / "pairs.txt")
+    pairs = read_pairs(data_dir / "lfw" / "pairs.txt")
     reserved = fold_identities(pairs, EVAL_FOLDS)
     val_names = fold_identities(pairs, [val_fold]) - reserved
     genders = lfw_gender(data_dir)

@@ -25,10 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.build.calibrate import write_calibration
 from models.build.export_towers import OPSET, check_onnx, export_onnx, sha256_file
+from models.eval.metrics import far_key
+from models.eval.report import summarise
+from models.train.paths import REPO, ROOT
+from models.train.runs import load_run
 
-ROOT = Path(__file__).resolve().parents[2]
-REPO = ROOT / "models" / "repository" / "towers"
 LFW_ACC_MIN = 0.993
 TRAINING_KEYS = ("variant", "cut", "lam", "mu", "distill", "epochs", "lr", "head_lr", "hard_k", "batch", "cross_frac",
                  "p_occ", "alpha", "gamma", "train_splits", "seed", "threads", "best_epoch", "command", "train_seconds")
@@ -86,7 +89,7 @@ def build_manifest(version: str, files: dict[str, str], run_cfg: dict, metrics: 
 
 
 def pipeline_for(version: str, threshold: float | None = 0.5):
-    from service.pipeline import Pipeline
+    from service.face.pipeline import Pipeline
     from service.settings import Settings
     s = Settings(tower_version=version, threshold=threshold, providers="cpu", onnx_threads=2)
     return Pipeline.from_settings(s)
@@ -95,23 +98,15 @@ def pipeline_for(version: str, threshold: float | None = 0.5):
 def run_eval(version: str, protocol: str, folds: list[int], data_dir: Path, out: Path, threshold=0.5,
              embedder=None, pipeline=None) -> dict:
     """`idverify eval` in-process (same code path) on the given towers version."""
-    from service.evaluate import evaluate
+    from models.eval.protocols import evaluate
     p = pipeline if pipeline is not None else pipeline_for(version, threshold)
     env = f"IDV_TOWER_VERSION={version}" + (f" IDV_THRESHOLD={threshold}" if threshold is not None else "")
-    cmd = f"{env} idverify eval --protocol {protocol} --folds {','.join(map(str, folds))} --out {out}"
+    out_arg = os.path.relpath(out, ROOT) if Path(out).resolve().is_relative_to(ROOT) else out  # no machine paths in manifests
+    cmd = f"{env} idverify eval --protocol {protocol} --folds {','.join(map(str, folds))} --out {out_arg}"
     return evaluate(protocol, folds, p, data_dir, out=out, progress=False, command=cmd, embedder=embedder)
 
 
-def summarise(rep: dict) -> dict:
-    return {"tar_at_far": {f"{r['far_target']:g}": r["tar"] for r in rep["tar_at_far"]},
-            "accuracy": rep["accuracy"]["mean"], "fta": {k: v["failed"] for k, v in rep["fta"].items()
-                                                        if k != "pairs_with_fta"},
-            "impostors": rep["counts"]["impostor"], "genuine": rep["counts"]["genuine"],
-            "command": rep.get("command")}
-
-
 def export_run(run: Path, version: str, data_dir: Path, cache: Path, full_eval: bool = True) -> dict:
-    from models.train.trainer import load_run
     run = Path(run)
     model, cfg = load_run(run)
     out = REPO / version
@@ -147,15 +142,9 @@ def export_run(run: Path, version: str, data_dir: Path, cache: Path, full_eval: 
     reports = ROOT / "reports" / "towers" / version
     # calibration: LFW-IvS extended impostors of fold-8 identities (within folds 1-8; never trained on)
     cal = run_eval(version, "lfw-ivs", CAL_FOLDS, data_dir, reports / "lfw-ivs-fold8")
-    table = cal["calibration"]
-    (out / "calibration.json").write_text(json.dumps({
-        "table": table, "source": "LFW-IvS (chipsim seed 0) extended impostors, LFW View-2 fold 8 "
-        "identities (inside folds 1-8, held out of training); never folds 9-10",
-        "n_impostors": cal["counts"]["impostor"], "command": cal.get("command")}, indent=2) + "\n")
-    man["calibration"] = "calibration.json"
-    man["calibration_sha256"] = sha256_file(out / "calibration.json")
-    (out / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
-    from service.evaluate import Embedder
+    man = write_calibration(out, cal, "LFW-IvS (chipsim seed 0) extended impostors, LFW View-2 fold 8 "
+                            "identities (inside folds 1-8, held out of training); never folds 9-10")
+    from models.eval.embedder import Embedder
     p = pipeline_for(version, None)
     emb = Embedder(p, data_dir, seed=0, progress=False)  # live embeddings shared by both protocols
     ivs = run_eval(version, "lfw-ivs", [9, 10], data_dir, reports / "lfw-ivs-folds9-10", None, emb, p)
@@ -170,7 +159,7 @@ def export_run(run: Path, version: str, data_dir: Path, cache: Path, full_eval: 
 def maybe_switch_current(version: str, baseline_tar_1e3: float) -> bool:
     man = json.loads((REPO / version / "manifest.json").read_text())
     m = man.get("metrics", {})
-    tar = m.get("lfw_ivs_folds9-10", {}).get("tar_at_far", {}).get("0.001")
+    tar = m.get("lfw_ivs_folds9-10", {}).get("tar_at_far", {}).get(far_key(1e-3))
     acc = m.get("lfw_folds9-10", {}).get("accuracy")
     if tar is None or acc is None:
         return False
@@ -187,7 +176,7 @@ def baseline_metrics(data_dir: Path) -> dict:
     path = out / "metrics.json"
     if path.exists():
         return json.loads(path.read_text())
-    from service.evaluate import Embedder
+    from models.eval.embedder import Embedder
     p = pipeline_for("baseline", None)
     emb = Embedder(p, data_dir, seed=0, progress=False)
     ivs = run_eval("baseline", "lfw-ivs", [9, 10], data_dir, out / "lfw-ivs-folds9-10", None, emb, p)

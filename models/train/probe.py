@@ -53,7 +53,7 @@ def _selectivity(z: np.ndarray, y: np.ndarray, kind: str) -> np.ndarray:
 
 def probe_data(model, cache: Path, data_dir: Path) -> tuple[np.ndarray, dict]:
     """Stacked embeddings (rows: chip / live / occ of fold-8 LFW + UTK test) and attributes."""
-    from models.train.trainer import embed
+    from models.train.runs import embed
     reserved = D.reserved_identities(data_dir)
     Z, A = [], {a: [] for a in ATTRIBUTES}
     for split in ("lfw_val", "utk_test"):
@@ -111,7 +111,7 @@ def heatmap(sel: np.ndarray, attrs: list[str], path: Path, title: str) -> None:
 def choose_mask(model, ties: dict, cache: Path, data_dir: Path) -> dict:
     """Try masking nuisance-tied units on the validation identities; keep only a clear gain."""
     from models.train.fasteval import identity_verification
-    from models.train.trainer import embed
+    from models.train.runs import embed
     d = load_split(cache, "lfw_val", reserved=D.reserved_identities(data_dir), cut=model.id.cut)
     ei = embed(model.id, d["chip_feat"])
     el = embed(model.live, d["live_feat"])
@@ -123,8 +123,8 @@ def choose_mask(model, ties: dict, cache: Path, data_dir: Path) -> dict:
         m[units] = 0.0
         r = identity_verification(ei * m, d["chip_ok"], el * m, d["live_ok"], d["identity"])
         trials.append({"mask_attributes": list(combo), "units": units, "val": r})
-    best = max(trials[1:], key=lambda t: t["val"]["ivs"]["0.001"])
-    use = best["val"]["ivs"]["0.001"] - base["ivs"]["0.001"] >= MASK_MIN_GAIN
+    best = max(trials[1:], key=lambda t: t["val"]["ivs"]["1e-03"])
+    use = best["val"]["ivs"]["1e-03"] - base["ivs"]["1e-03"] >= MASK_MIN_GAIN
     mask = np.ones(128, np.float32)
     if use:
         mask[best["units"]] = 0.0

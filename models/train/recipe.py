@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+from models.eval.pairs import lfw_key, read_pairs
 from models.train import data as D
 
 # cache splits in build order (eval = folds 9-10 images, evaluation only, chip seed 0 as `idverify eval`)
@@ -21,8 +22,8 @@ def split_items(data_dir: Path, split: str) -> list[D.Item]:
     if split.startswith("utk_"):
         return getattr(D.utk_split(data_dir), split[4:])
     if split in ("eval", "eval_flip"):
-        pairs = D.parse_pairs(Path(data_dir) / "lfw" / "pairs.txt")
-        keys = sorted({D.lfw_key(*img) for p in pairs if p.fold in D.EVAL_FOLDS for img in (p.a, p.b)})
+        pairs = read_pairs(Path(data_dir) / "lfw" / "pairs.txt")
+        keys = sorted({lfw_key(img) for p in pairs if p.fold in D.EVAL_FOLDS for img in (p.a, p.b)})
         return [D.Item(k, "lfw", k.split("/")[2]) for k in keys]
     raise ValueError(split)
 
@@ -60,11 +61,11 @@ def ablation_table(runs_dir: Path, names: list[str]) -> str:
             continue
         r = json.loads(p.read_text())
         t = r["tar_at_far"]
-        lines.append(f"| {n} | {t['0.01'] * 100:.2f} | {t['0.001'] * 100:.2f} | {t['0.0001'] * 100:.2f} | "
+        lines.append(f"| {n} | {t['1e-02'] * 100:.2f} | {t['1e-03'] * 100:.2f} | {t['1e-04'] * 100:.2f} | "
                      f"{r['lfw_accuracy'] * 100:.2f} | `{r.get('command', '')}` |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":  # python -m models.train.recipe RUN [RUN ...]
-    from models.train.cli import DEFAULT_RUNS
+    from models.train.paths import DEFAULT_RUNS
     print(ablation_table(DEFAULT_RUNS, sys.argv[1:]))

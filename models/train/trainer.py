@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from models.train import data as D
 from models.train.cache import load_split
 from models.train.heads import ATTRIBUTES, head_losses, sparsity
+from models.train.paths import DEFAULT_RUNS
+from models.train.runs import embed, load_run, pretrained, save_run
 
 # per-variant defaults (the ablation rows); CLI flags override
 VARIANTS = {
@@ -117,57 +119,6 @@ class TrainSet:
         for k in ("gender", "age", "race"):
             t[k] = np.concatenate([self.labels[k][chip_rows], self.labels[k][live_rows]])
         return {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in t.items()}
-
-
-# ----------------------------------------------------------------------------- model io
-
-
-def pretrained():
-    from models.build.dlib_resnet import DlibResNet
-    return DlibResNet.from_dat().eval()
-
-
-def embed(tower, feats: np.ndarray, ok: np.ndarray | None = None, batch: int = 512) -> np.ndarray:
-    out = np.zeros((len(feats), 128), np.float32)
-    with torch.no_grad():
-        for s in range(0, len(feats), batch):
-            out[s:s + batch] = tower(torch.from_numpy(feats[s:s + batch].astype(np.float32))).numpy()
-    return out
-
-
-def save_run(model, run: Path, config: dict, history: list, stats: dict) -> None:
-    run.mkdir(parents=True, exist_ok=True)
-    state = {"id": model.id.trainable(), "live": model.live.trainable(),
-             "scale": model.scale.detach(), "bias": model.bias.detach()}
-    state = {k: ({n: p.detach().clone() for n, p in v.items()} if isinstance(v, dict) else v) for k, v in state.items()}
-    if model.heads is not None:
-        state["heads"] = model.heads.state_dict()
-    torch.save(state, run / "weights.pt")
-    (run / "config.json").write_text(json.dumps({**config, "stats": stats}, indent=2) + "\n")
-    (run / "history.json").write_text(json.dumps(history, indent=1) + "\n")
-
-
-def load_run(run: Path, base=None):
-    """-> DualTowers with the run's weights (heads too when trained with them), config."""
-    from models.train.towers import DualTowers
-    run = Path(run)
-    cfg = json.loads((run / "config.json").read_text())
-    base = base if base is not None else pretrained()
-    model = DualTowers(base, shared=cfg.get("shared", False), heads=cfg.get("heads", False),
-                       cut=cfg.get("cut", "level2"))
-    if (run / "weights.pt").exists():
-        state = torch.load(run / "weights.pt", weights_only=True)
-        with torch.no_grad():
-            for side in ("id", "live"):
-                params = getattr(model, side).trainable()
-                for n, v in state[side].items():
-                    params[n].copy_(v)
-            model.scale.copy_(state["scale"])
-            model.bias.copy_(state["bias"])
-            if model.heads is not None and "heads" in state:
-                model.heads.load_state_dict(state["heads"])
-    model.eval()
-    return model, cfg
 
 
 # ----------------------------------------------------------------------------- validation
@@ -298,7 +249,7 @@ def train(args, data_dir: Path) -> tuple[object, dict, list]:
         history.append({"epoch": epoch, "train": agg, "val": vs, "elapsed_s": round(time.time() - t0, 1)})
         log(f"[train {args.variant}] epoch {epoch}/{cfg['epochs']} {time.time() - t0:.0f}s "
             + " ".join(f"{k}={x:.4g}" for k, x in agg.items()) + f" | val ivs {vs['ivs']} live {vs['live']}")
-        key = vs["ivs"]["0.001"] + vs["ivs"]["0.01"] * 1e-3
+        key = vs["ivs"]["1e-03"] + vs["ivs"]["1e-02"] * 1e-3
         if key > best[0]:
             best = (key, {n: p.detach().clone() for n, p in model.state_dict().items()}, epoch)
     if best[1] is not None:
@@ -310,7 +261,6 @@ def train(args, data_dir: Path) -> tuple[object, dict, list]:
 
 
 def main(args, data_dir: Path) -> int:
-    from models.train.cli import DEFAULT_RUNS
     name = args.variant + (f"-lam{args.lam:g}" if args.lam is not None else "") + \
         (f"-{args.cut}" if getattr(args, "cut", "level2") != "level2" else "")
     run = Path(args.run) if args.run else DEFAULT_RUNS / name
@@ -339,7 +289,8 @@ def main(args, data_dir: Path) -> int:
         log(f"[eval folds 9-10, cached] LFW-IvS TAR {res['tar_at_far']} ivs-acc {res['ivs_accuracy']:.4f} "
             f"LFW acc {res['lfw_accuracy']:.4f} FTA {res['fta']}")
     if args.export:
-        from models.train.export import REPO, export_run, maybe_switch_current
+        from models.train.export import export_run, maybe_switch_current
+        from models.train.paths import REPO
         man = export_run(run, args.export, data_dir, Path(args.cache))
         base = json.loads((REPO / "baseline" / "manifest.json").read_text())["metrics"]
         switched = maybe_switch_current(args.export, base["lfw_ivs_folds9-10"]["tar_at_far"]["1e-03"])

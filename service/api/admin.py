@@ -6,7 +6,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from service import keys
+from service.records import keys
 from service.api import deps
 from service.errors import ApiError
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from service import audit
+from service.records import audit
 from service.api import deps
 from service.errors import INVALID_REQUEST, ApiError
 

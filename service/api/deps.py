@@ -4,8 +4,8 @@ from __future__ import annotations
 from fastapi import Request
 from sqlalchemy import Engine
 
-from service import keys
-from service.dbmodels import ApiKey
+from service.records import keys
+from service.records.tables import ApiKey
 from service.errors import FORBIDDEN, UNAUTHORIZED, ApiError
 
 API_KEY_HEADER = "X-API-Key"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.db import ping
+from service.records.engine import ping
 
 router = APIRouter(tags=["health"])
 

@@ -16,11 +16,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from service import audit, retention
+from service.records import audit, retention
 from service.api import deps
 from service.api.verify_input import VerifyInput, read_verify_input
 from service.errors import RATE_LIMITED, ApiError
-from service.pipeline import Side
+from service.face.pipeline import Side
 
 log = logging.getLogger("idverify.verify")
 router = APIRouter()

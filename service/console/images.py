@@ -13,7 +13,7 @@ BOX_COLOUR = (0, 230, 64)    # RGB, a bright green that stands out on skin and b
 
 def _decode(data: bytes, field: str, settings) -> np.ndarray:
     try:
-        from service.decode import decode_image
+        from service.face.decode import decode_image
 
         return decode_image(data, field, settings)
     except Exception:  # noqa: BLE001 - fall back to PIL (e.g. an image the pipeline refused)

@@ -27,11 +27,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
-from service import audit, keys, retention
+from service.records import audit, keys, retention
 from service.console import charts, csrf, sessions, stats
 from service.console.images import annotated_jpeg
-from service.db import read_session
-from service.dbmodels import ApiKey
+from service.records.engine import read_session
+from service.records.tables import ApiKey
 
 log = logging.getLogger("idverify.console")
 HERE = Path(__file__).resolve().parent

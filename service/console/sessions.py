@@ -18,10 +18,10 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import DateTime, Engine, ForeignKey, Integer, String, delete, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from service import keys
-from service.audit import utc
-from service.db import read_session, write_session
-from service.dbmodels import ApiKey, Base
+from service.records import keys
+from service.records.audit import utc
+from service.records.engine import read_session, write_session
+from service.records.tables import ApiKey, Base
 
 COOKIE = "idv_console"
 ABSOLUTE_LIFETIME = timedelta(hours=12)

@@ -15,10 +15,10 @@ from typing import Iterator, Mapping
 import numpy as np
 from sqlalchemy import Engine, func, select
 
-from service import audit
-from service.audit import AuditFilter, utc
-from service.db import read_session
-from service.dbmodels import AuditRecord
+from service.records import audit
+from service.records.audit import AuditFilter, utc
+from service.records.engine import read_session
+from service.records.tables import AuditRecord
 
 DECISIONS = ("match", "no_match", "rejected")
 log = logging.getLogger("idverify.console")

@@ -28,8 +28,8 @@ from sqlalchemy import (CheckConstraint, DateTime, Engine, ForeignKey, LargeBina
                         update)
 from sqlalchemy.orm import Mapped, mapped_column
 
-from service.db import read_session, write_session
-from service.dbmodels import AuditRecord, Base
+from service.records.engine import read_session, write_session
+from service.records.tables import AuditRecord, Base
 
 log = logging.getLogger("idverify.retention")
 

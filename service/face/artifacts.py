@@ -72,7 +72,7 @@ class Towers:
 
 
 def load_towers(models_dir: Path, name: str, version: str, providers: list[str], threads: int = 0) -> Towers:
-    from service.embed import Tower
+    from service.face.embed import Tower
 
     folder = resolve_version(models_dir, name, version)
     manifest = load_manifest(folder)

@@ -34,7 +34,7 @@ Json = JSON(none_as_null=True)
 
 
 class AuditRecord(Base):
-    """One /verify call. Rows are append-only and hash-chained (service/audit.py): every column
+    """One /verify call. Rows are append-only and hash-chained (service/records/audit.py): every column
     except the image-retention ones is covered by record_hash."""
     __tablename__ = "audit_records"
 

@@ -17,8 +17,8 @@ from datetime import datetime, timezone
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 
-from service.db import read_session, write_session
-from service.dbmodels import ApiKey
+from service.records.engine import read_session, write_session
+from service.records.tables import ApiKey
 
 ROLES = ("kiosk", "operator", "admin")
 # what each permission needs; admin may do everything
@@ -137,7 +137,7 @@ def register(sub) -> None:
 
 
 def _engine(args) -> Engine:
-    from service.db import make_engine
+    from service.records.engine import make_engine
     from service.settings import get_settings
 
     return make_engine(args.database_url or get_settings().database_url)

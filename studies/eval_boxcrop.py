@@ -1,12 +1,12 @@
 """``idverify eval`` with box-crop chips, for towers whose manifest template is
-``{"kind": "box", "margin": M, "size": S}`` (FaceNet), until service/pipeline.py has a box mode.
+``{"kind": "box", "margin": M, "size": S}`` (FaceNet), until service/face/pipeline.py has a box mode.
 
-Measurement only: it patches ``service.pipeline`` in this process so that the chip is
-``service.align_box.crop_box(image, face.box, size, margin)`` of the face ``select_face``
+Measurement only: it patches ``service.face.pipeline`` in this process so that the chip is
+``studies.align_box.crop_box(image, face.box, size, margin)`` of the face ``select_face``
 chose, instead of the 5-point similarity warp; everything else (decode, detection, chip
 simulation, flip averaging, scoring, reports) is the normal eval.
 
-    IDV_TOWER_VERSION=facenet .venv/bin/python bench/eval_boxcrop.py eval --protocol lfw-ivs --folds 9,10 \\
+    IDV_TOWER_VERSION=facenet .venv/bin/python studies/eval_boxcrop.py eval --protocol lfw-ivs --folds 9,10 \\
         --out reports/lfw-ivs-folds9-10-facenet
 
 The margin and size come from the loaded manifest (``template.margin``/``template.size``).
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import sys
 
-from service import pipeline as P
-from service.align_box import crop_box
+from service.face import pipeline as P
+from studies.align_box import crop_box
 
 _select_face = P.select_face
 _state: dict = {}

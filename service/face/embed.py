@@ -13,7 +13,7 @@ class Tower:
 
     With `flip_average` (the manifest's `test_time.flip_average`), each chip is embedded with
     its mirror image in the same batch and the two unit vectors are averaged: measured +0.2 to
-    0.3 points of LFW accuracy on folds 1-8 (bench/alignment_study.py), for one extra batch row.
+    0.3 points of LFW accuracy on folds 1-8 (studies/alignment_study.py), for one extra batch row.
     """
 
     def __init__(self, path: Path, providers: list[str] | None = None, threads: int = 0,

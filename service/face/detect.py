@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from service.artifacts import ArtifactError, load_manifest, verify_file
+from service.face.artifacts import ArtifactError, load_manifest, verify_file
 from service.runtime import make_session
 
 MANIFEST = "manifest.json"

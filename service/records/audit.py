@@ -4,7 +4,7 @@ Each record carries `seq` (1, 2, 3, ...), `prev_hash` (the previous record's has
 the first) and `record_hash` = SHA-256 of the canonical JSON (sorted keys, no spaces, UTF-8)
 of its content fields including prev_hash. Appends are serialised so the chain stays linear
 under concurrent calls: PostgreSQL takes a transaction-level advisory lock, SQLite the write
-lock (BEGIN IMMEDIATE, see service.db.write_session). A record is committed before the answer
+lock (BEGIN IMMEDIATE, see service.records.engine.write_session). A record is committed before the answer
 goes out. `verify_chain` walks the chain and names the first record that does not hold.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ import numpy as np
 from sqlalchemy import Engine, Select, select, text
 from sqlalchemy.orm import Session
 
-from service.db import read_session, write_session
-from service.dbmodels import AuditRecord
+from service.records.engine import read_session, write_session
+from service.records.tables import AuditRecord
 
 GENESIS = "0" * 64
 # pg_advisory_xact_lock key for chain appends (any constant unique to this purpose)

@@ -14,11 +14,16 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def score_from_cosine(cos):
+    """The one map from cosine similarity to the [0, 1] score (scalar or array): the service,
+    evaluation and training all call this."""
+    return np.clip((1.0 + cos) / 2.0, 0.0, 1.0)
+
+
 def similarity(a: np.ndarray, b: np.ndarray) -> float:
-    cos = float(np.dot(normalize(a).ravel(), normalize(b).ravel()))
-    return float(np.clip((1.0 + cos) / 2.0, 0.0, 1.0))
+    return float(score_from_cosine(float(np.dot(normalize(a).ravel(), normalize(b).ravel()))))
 
 
 def similarity_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """All-pairs scores between rows of a (N, D) and rows of b (M, D)."""
-    return np.clip((1.0 + normalize(a) @ normalize(b).T) / 2.0, 0.0, 1.0)
+    return score_from_cosine(normalize(a) @ normalize(b).T)

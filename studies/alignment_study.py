@@ -3,7 +3,7 @@
 Measured on LFW View-2 folds 1-8 only (folds 9-10 are reserved for evaluation): detection runs
 once per image, then each variant re-aligns and re-embeds. Prints an 8-fold accuracy per variant.
 
-    .venv/bin/python bench/alignment_study.py [--folds 1-8] [--jitter]
+    .venv/bin/python studies/alignment_study.py [--folds 1-8] [--jitter]
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from service import align as al
-from service.evaluate import image_relpath, kfold_accuracy, parse_folds, read_pairs, select_pairs
-from service.pipeline import Pipeline
-from service.score import normalize
+from service.face import align as al
+from models.eval.metrics import kfold_accuracy
+from models.eval.pairs import image_relpath, parse_folds, read_pairs, select_pairs
+from service.face.pipeline import Pipeline
+from service.face.score import normalize
 from service.settings import Settings
 
 MTCNN_FITTED = np.array([[47.36, 45.65], [101.79, 45.47], [74.36, 77.08], [50.59, 105.24], [98.31, 105.11]],
@@ -39,7 +40,7 @@ def main() -> None:
         img = np.asarray(Image.open(s.data_dir / "lfw" / "images" / rel).convert("RGB"))
         faces = pipe.detector.detect(img)
         if faces:
-            from service.detect import select_face
+            from service.face.detect import select_face
             images[rel] = img
             marks[rel] = select_face(faces, img.shape).landmarks
     templates = {"derived": al.DLIB_CHIP_TEMPLATE_DERIVED, "fitted_dlib68": al.DLIB_CHIP_TEMPLATE_FITTED,

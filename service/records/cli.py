@@ -1,5 +1,5 @@
 """`idverify audit verify`: walk the audit hash chain and name the first broken record.
-`idverify audit purge`: delete retained images past IDV_RETENTION_DAYS (service/retention.py).
+`idverify audit purge`: delete retained images past IDV_RETENTION_DAYS (service/records/retention.py).
 `idverify audit image-key`: print a new key for IDV_IMAGE_KEY."""
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ def register(sub) -> None:
 
 
 def _cmd_verify(args) -> int:
-    from service.audit import verify_chain
-    from service.db import make_engine
+    from service.records.audit import verify_chain
+    from service.records.engine import make_engine
     from service.settings import get_settings
 
     engine = make_engine(args.database_url or get_settings().database_url)
@@ -38,8 +38,8 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_purge(args) -> int:
-    from service import retention
-    from service.db import make_engine
+    from service.records import retention
+    from service.records.engine import make_engine
     from service.settings import get_settings
 
     settings = get_settings()
@@ -59,7 +59,7 @@ def _cmd_purge(args) -> int:
 
 
 def _cmd_image_key(_args) -> int:
-    from service.retention import generate_key
+    from service.records.retention import generate_key
 
     print(generate_key())
     return 0

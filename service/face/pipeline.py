@@ -10,16 +10,16 @@ from dataclasses import dataclass, field as dc_field
 
 import numpy as np
 
-from service import quality
-from service.align import align
-from service.artifacts import Towers, load_towers, resolve_version
-from service.decide import Threshold
-from service.decode import decode_image
-from service.detect import Face, FaceDetector, select_face
-from service.embed import Tower
+from service.face import quality
+from service.face.align import align
+from service.face.artifacts import Towers, load_towers, resolve_version
+from service.face.decide import Threshold
+from service.face.decode import decode_image
+from service.face.detect import Face, FaceDetector, select_face
+from service.face.embed import Tower
 from service.errors import FACE_TOO_SMALL, NO_FACE, ApiError
 from service.runtime import choose_providers
-from service.score import similarity
+from service.face.score import similarity
 from service.settings import Settings
 
 log = logging.getLogger("idverify.pipeline")

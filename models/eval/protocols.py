@@ -1,0 +1,187 @@
+"""The evaluation protocols on LFW View 2 (see models/eval/__init__.py for what they measure):
+`evaluate(protocol, folds, pipeline, data_dir)` -> the report dict."""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from models.eval import PROTOCOLS, chipsim
+from models.eval.embedder import Embedder
+from models.eval.metrics import (TAR_FARS, ScoreSet, calibration_table, cross_scores, kfold_accuracy, roc_points,
+                                 tar_at_far)
+from models.eval.pairs import image_relpath, read_pairs, select_pairs
+from models.eval.report import git_commit, pipeline_info, write_outputs
+from service.face.score import normalize, similarity
+
+
+
+def _identity(rel: str) -> str:
+    return rel.split("/", 1)[0]
+
+
+def _matrix(embedder: Embedder, rels: list[str], side: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    e = np.zeros((len(rels), dim), np.float32)
+    ok = np.zeros(len(rels), bool)
+    for i, r in enumerate(rels):
+        v = embedder.emb.get((r, side))
+        if v is not None:
+            e[i] = v
+            ok[i] = True
+    return normalize(e), ok
+
+
+def _pair_scores(embedder: Embedder, pairs, side_a: str, side_b: str):
+    """Score of every pairs.txt line (-inf when a side failed to acquire) and its FTA codes."""
+    scores, codes = [], []
+    for p in pairs:
+        ra, rb = image_relpath(p.a), image_relpath(p.b)
+        a, b = embedder.emb.get((ra, side_a)), embedder.emb.get((rb, side_b))
+        scores.append(similarity(a, b) if a is not None and b is not None else -math.inf)
+        codes.append((embedder.fta.get((ra, side_a)), embedder.fta.get((rb, side_b))))
+    return np.array(scores, np.float64), codes
+
+
+def _extended_sets(embedder: Embedder, rel_a, side_a, rel_b, side_b, dim: int):
+    """Impostors = every cross-identity (a, b) image pair; extended genuine = every same-identity
+    pair of distinct files."""
+    ea, oka = _matrix(embedder, rel_a, side_a, dim)
+    eb, okb = (ea, oka) if rel_a is rel_b else _matrix(embedder, rel_b, side_b, dim)
+    ident: dict[str, int] = {}
+    files: dict[str, int] = {}
+
+    def ids(rels):
+        return ([ident.setdefault(_identity(r), len(ident)) for r in rels],
+                [files.setdefault(r, len(files)) for r in rels])
+    ida, fa = ids(rel_a)
+    idb, fb = ids(rel_b)
+    return cross_scores(ea, oka, ida, fa, eb, okb, idb, fb, symmetric=rel_a is rel_b)
+
+
+def _fta_report(embedder: Embedder, rel_a, side_a, rel_b, codes, labels) -> dict:
+    def block(rels, side):
+        failed = {r: embedder.fta[(r, side)] for r in rels if (r, side) in embedder.fta}
+        by_code: dict[str, int] = {}
+        for c in failed.values():
+            by_code[c] = by_code.get(c, 0) + 1
+        return {"images": len(rels), "failed": len(failed), "rate": len(failed) / max(1, len(rels)),
+                "by_code": by_code, "examples": sorted(failed)[:20]}
+
+    fta = {"id": block(rel_a, "id")} if side_a == "id" else {}
+    fta["live"] = block(rel_b if side_a == "id" else rel_a, "live")
+    pair_fta = [c[0] is not None or c[1] is not None for c in codes]
+    fta["pairs_with_fta"] = {"genuine": int(sum(f for f, s in zip(pair_fta, labels) if s)),
+                             "mismatched": int(sum(f for f, s in zip(pair_fta, labels) if not s))}
+    return fta
+
+
+def _throughput(embedder: Embedder, n_items: int, analyse_s: float) -> dict:
+    t = embedder.timings
+    return {
+        "items": n_items,
+        "analyse_wall_s": round(analyse_s, 2),
+        "images_per_s": round(n_items / analyse_s, 2) if analyse_s > 0 else None,
+        # per call of the stage (chipsim: per chip; embed: per image, batched)
+        "stage_ms_per_image": {k: round(v / max(1, embedder.counts.get(k, 0)), 3) for k, v in sorted(t.items())},
+        "stage_total_s": {k: round(v / 1e3, 2) for k, v in sorted(t.items())},
+        "batch_size": embedder.batch_size,
+    }
+
+
+def _chip_info(embedder: Embedder) -> dict:
+    cb = np.array(embedder.chip_bytes) if embedder.chip_bytes else np.zeros(0)
+    return {"version": chipsim.ENCODINGS[embedder.chip_encoding][0], "encoding": embedder.chip_encoding,
+            "size": [chipsim.CHIP_W, chipsim.CHIP_H], "target_bytes": chipsim.TARGET_BYTES, "params": chipsim.PARAMS,
+            "landmarks": embedder.chip_landmarks, "landmark_fallbacks": embedder.chip_fallbacks,
+            "bytes": {"mean": float(cb.mean()) if cb.size else None,
+                      "min": int(cb.min()) if cb.size else None,
+                      "max": int(cb.max()) if cb.size else None}}
+
+
+def evaluate(protocol: str, folds: list[int], pipeline, data_dir: Path | str, *,
+             limit: int | None = None, extended_impostors: bool = True, seed: int = 0,
+             out: Path | str | None = None, batch_size: int = 32, progress: bool = True,
+             chip_landmarks: str = "fixed", chip_encoding: str = "rgb", embedder: Embedder | None = None,
+             command: str | None = None) -> dict:
+    """Run one protocol over `folds`; returns the report dict (and writes it to `out` if given).
+    Pass an `embedder` to reuse embeddings across calls (e.g. several protocols/fold sets)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}")
+    data_dir = Path(data_dir)
+    pairs_path = data_dir / "lfw" / "pairs.txt"
+    pairs = select_pairs(read_pairs(pairs_path), list(folds), limit)
+    if not pairs:
+        raise ValueError("no pairs selected")
+    git = git_commit()  # the code that runs, not what HEAD is when the run ends
+    side_a = "id" if protocol == "lfw-ivs" else "live"
+    side_b = "live"
+    if embedder is None:
+        embedder = Embedder(pipeline, data_dir, seed=seed, chip_landmarks=chip_landmarks, chip_encoding=chip_encoding,
+                            batch_size=batch_size, progress=progress)
+
+    rel_a = sorted({image_relpath(p.a) for p in pairs})
+    rel_b = sorted({image_relpath(p.b) for p in pairs})
+    if side_a == side_b:  # lfw: one pool of images, all on the live side
+        rel_a = rel_b = sorted(set(rel_a) | set(rel_b))
+    items = [(r, side_a) for r in rel_a] + [(r, side_b) for r in rel_b]
+    t0 = time.perf_counter()
+    embedder.run(items)
+    analyse_s = time.perf_counter() - t0
+    dim = next(iter(embedder.emb.values())).shape[0] if embedder.emb else 128
+
+    scores, codes = _pair_scores(embedder, pairs, side_a, side_b)
+    labels = np.array([p.same for p in pairs])
+    accuracy = kfold_accuracy(scores, labels, np.array([p.fold for p in pairs]), list(folds))
+
+    genuine = scores[labels]
+    ext_genuine = None
+    if extended_impostors:
+        imp, ext_genuine = _extended_sets(embedder, rel_a, side_a, rel_b, side_b, dim)
+        impostor_desc = ("all cross-identity pairs: id side of every distinct first-column image vs live "
+                         "side of every distinct second-column image" if side_a == "id" else
+                         "all cross-identity unordered pairs among the distinct images (live/live)")
+    else:
+        imp = scores[~labels]
+        impostor_desc = "mismatched pairs of pairs.txt"
+    imp_set = ScoreSet(imp.astype(np.float32, copy=False))
+    tar = tar_at_far(genuine, imp_set, TAR_FARS)
+    curves = {f"pairs.txt genuine ({genuine.size})": roc_points(genuine, imp_set)}
+    tar_ext = None
+    if ext_genuine is not None and ext_genuine.size:
+        tar_ext = tar_at_far(ext_genuine, imp_set, TAR_FARS)
+        curves[f"all same-identity pairs ({ext_genuine.size})"] = roc_points(ext_genuine, imp_set)
+
+    report = {
+        "protocol": protocol,
+        "folds": list(folds),
+        "limit": limit,
+        "seed": seed,
+        "command": command if command is not None else " ".join(sys.argv),
+        "argv": list(sys.argv),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git": git,
+        "data_dir": str(data_dir),
+        "pairs_sha256": hashlib.sha256(pairs_path.read_bytes()).hexdigest(),
+        **pipeline_info(pipeline),
+        "sides": {"first_column": side_a, "second_column": side_b},
+        "chipsim": _chip_info(embedder) if side_a == "id" else None,
+        "counts": {"pairs": len(pairs), "matched": int(labels.sum()), "mismatched": int((~labels).sum()),
+                   "images_first_column": len(rel_a), "images_second_column": len(rel_b),
+                   "genuine": int(genuine.size), "impostor": imp_set.n,
+                   "extended_genuine": int(ext_genuine.size) if ext_genuine is not None else None},
+        "impostors": impostor_desc,
+        "accuracy": accuracy,
+        "tar_at_far": tar,
+        "tar_at_far_extended_genuine": tar_ext,
+        "calibration": calibration_table(imp_set),
+        "fta": _fta_report(embedder, rel_a, side_a, rel_b, codes, labels),
+        "throughput": _throughput(embedder, len(set(items)), analyse_s),
+    }
+    if out is not None:
+        write_outputs(report, pairs, scores, codes, curves, Path(out))
+    return report
