@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     thread_list = [int(t) for t in str(args.threads).split(",")] if args.threads is not None else [None]
 
-    from models.eval.cli import load_pipeline
+    from service.face.loader import load_pipeline
     from service.settings import Settings
 
     results, descs, infos = {}, {}, []

@@ -6,8 +6,6 @@ from alembic import context
 
 from service.records.engine import make_engine, normalise_url
 from service.records.tables import Base
-import service.console.sessions  # noqa: F401,E402 - tables defined outside dbmodels (migration 0002)
-import service.records.retention  # noqa: F401,E402
 
 config = context.config
 target_metadata = Base.metadata

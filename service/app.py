@@ -1,6 +1,6 @@
 """The HTTP service: `create_app(settings=None)` and `idverify serve`.
 
-The lifespan loads the Pipeline once (refusing to start if the models fail their manifest
+The lifespan loads the models once (service.face.loader.load_models) (refusing to start if the models fail their manifest
 check), warms it, checks that the database schema is at the latest migration, and creates the
 bootstrap admin key when IDV_BOOTSTRAP_ADMIN_KEY is set.
 """
@@ -25,17 +25,18 @@ from service.settings import Settings, get_settings
 log = logging.getLogger("idverify.app")
 
 
-def load_pipeline(settings: Settings):
-    from service.face.pipeline import Pipeline
+def load_models(settings: Settings):
+    """The served models, loaded and warmed."""
+    from service.face.loader import load_models as load
 
-    pipeline = Pipeline.from_settings(settings)
-    pipeline.warmup()
-    return pipeline
+    models = load(settings)
+    models.warmup()
+    return models
 
 
-def create_app(settings: Settings | None = None, pipeline=None) -> FastAPI:
-    """`pipeline`: an already loaded (and warmed) Pipeline to use instead of loading one at
-    start-up, e.g. one shared by many apps in the tests."""
+def create_app(settings: Settings | None = None, models=None) -> FastAPI:
+    """`models`: already loaded (and warmed) models (service.face.loader.Models) to use instead
+    of loading them at start-up, e.g. one set shared by many apps in the tests."""
     settings = settings or get_settings()
     engine = make_engine(settings.database_url)
 
@@ -45,8 +46,8 @@ def create_app(settings: Settings | None = None, pipeline=None) -> FastAPI:
             raise RuntimeError("the database schema is not at the latest migration: run `idverify migrate`")
         if await run_in_threadpool(keys.ensure_bootstrap_admin, engine, settings.bootstrap_admin_key):
             log.info("created the bootstrap admin key")
-        if app.state.pipeline is None:
-            app.state.pipeline = await run_in_threadpool(load_pipeline, settings)
+        if app.state.models is None:
+            app.state.models = await run_in_threadpool(load_models, settings)
         try:
             yield
         finally:
@@ -60,7 +61,7 @@ def create_app(settings: Settings | None = None, pipeline=None) -> FastAPI:
 
     app.state.image_cipher = retention.cipher_for(settings)  # refuses to start: retention on without a usable key
     app.state.engine = engine
-    app.state.pipeline = pipeline
+    app.state.models = models
     app.state.limiter = RateLimiter(settings.rate_limit_per_minute)
     app.state.metrics = Metrics()
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
@@ -83,7 +84,7 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return _error_response(exc.code, exc.message, exc.field, exc.status, getattr(exc, "headers", None))
+        return _error_response(exc.code, exc.message, exc.field, exc.status, exc.headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -12,12 +12,7 @@ class ApiError(Exception):
         self.field = field
         if status is not None:
             self.status = status
-        self.side = None
-
-    def with_side(self, side) -> "ApiError":
-        """Attach what the pipeline saw before failing, for the audit record."""
-        self.side = side
-        return self
+        self.headers: dict[str, str] = {}
 
     def to_dict(self) -> dict:
         return {"error": {"code": self.code, "message": self.message, "field": self.field}}

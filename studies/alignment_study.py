@@ -3,7 +3,7 @@
 Measured on LFW View-2 folds 1-8 only (folds 9-10 are reserved for evaluation): detection runs
 once per image, then each variant re-aligns and re-embeds. Prints an 8-fold accuracy per variant.
 
-    .venv/bin/python studies/alignment_study.py [--folds 1-8] [--jitter]
+    .venv/bin/python -m studies.alignment_study [--folds 1-8] [--jitter]
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tqdm import tqdm
 from service.face import align as al
 from models.eval.metrics import kfold_accuracy
 from models.eval.pairs import image_relpath, parse_folds, read_pairs, select_pairs
-from service.face.pipeline import Pipeline
+from service.face.loader import load_pipeline
 from service.face.score import normalize
 from service.settings import Settings
 
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--jitter", action="store_true", help="test-time jitter of the alignment (scale, shift) with flips")
     args = ap.parse_args()
     s = Settings()
-    pipe = Pipeline.from_settings(s.model_copy(update={"threshold": 0.9}))
+    pipe = load_pipeline(s)
     pairs = select_pairs(read_pairs(s.data_dir / "lfw" / "pairs.txt"), parse_folds(args.folds))
     rels = sorted({image_relpath(p.a) for p in pairs} | {image_relpath(p.b) for p in pairs})
     images, marks = {}, {}

@@ -6,7 +6,7 @@ Measurement only: it patches ``service.face.pipeline`` in this process so that t
 chose, instead of the 5-point similarity warp; everything else (decode, detection, chip
 simulation, flip averaging, scoring, reports) is the normal eval.
 
-    IDV_TOWER_VERSION=facenet .venv/bin/python studies/eval_boxcrop.py eval --protocol lfw-ivs --folds 9,10 \\
+    IDV_TOWER_VERSION=facenet .venv/bin/python -m studies.eval_boxcrop eval --protocol lfw-ivs --folds 9,10 \\
         --out reports/lfw-ivs-folds9-10-facenet
 
 The margin and size come from the loaded manifest (``template.margin``/``template.size``).
@@ -35,8 +35,8 @@ def _box_chip(image, landmarks, template, size):
 _init = P.Pipeline.__init__
 
 
-def _init_box(self, settings, detector, towers, threshold):
-    _init(self, settings, detector, towers, threshold)
+def _init_box(self, settings, detector, towers):
+    _init(self, settings, detector, towers)
     tpl = towers.manifest["template"]
     if tpl.get("kind") != "box":
         raise SystemExit(f"{towers.version}: manifest template is not a box crop (kind {tpl.get('kind')!r})")

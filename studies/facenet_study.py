@@ -1,7 +1,7 @@
 """FaceNet (Inception-ResNet-v1, VGGFace2; towers version ``facenet``) vs the dlib baseline on LFW
 folds 1-8, by alignment variant and test-time flip, under the same MTCNN detection.
 
-    .venv/bin/python studies/facenet_study.py [--folds 1-8] [--variants box32,tpl160,dlib]
+    .venv/bin/python -m studies.facenet_study [--folds 1-8] [--variants box32,tpl160,dlib]
                                             [--latency] [--cache .cache/facenet_study]
 
 Detection runs once per image (MTCNN, threshold setting 0.9 as in studies/alignment_study.py,
@@ -78,9 +78,9 @@ def detect_all(rels: list[str], images_dir: Path, cache: Path) -> dict:
         if list(z["rels"]) == rels:
             return {"ok": z["ok"], "boxes": z["boxes"], "marks": z["marks"]}
     from service.face.detect import select_face
-    from service.face.pipeline import Pipeline
+    from service.face.loader import load_pipeline
 
-    pipe = Pipeline.from_settings(Settings().model_copy(update={"threshold": 0.9}))
+    pipe = load_pipeline(Settings())
     ok = np.zeros(len(rels), bool)
     boxes = np.zeros((len(rels), 4), np.float32)
     marks = np.zeros((len(rels), 5, 2), np.float32)

@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-import service.console.sessions  # noqa: F401,E402 - registers console_sessions on Base.metadata
-import service.records.retention  # noqa: F401,E402 - registers retained_images on Base.metadata
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,48 +107,58 @@ def engine(db_url):
 # --- pipeline and app -----------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def pipeline():
-    """The real pipeline (detector + towers, manifest-checked), loaded and warmed once."""
-    from service.app import load_pipeline
+def models():
+    """The served models (detector + towers, manifest-checked, and the threshold), loaded and
+    warmed once."""
+    from service.app import load_models
 
     # the models ship in the repository: failing to load them is a failure, not a skip
-    return load_pipeline(Settings())
+    return load_models(Settings())
+
+
+@pytest.fixture(scope="session")
+def pipeline(models):
+    """The real pipeline of the served models."""
+    return models.pipeline
 
 
 class UnusedPipeline:
-    """For tests that never reach the pipeline (auth, audit queries, keys): fails loudly if
-    a request does reach it."""
-    model_version = "unused"
-    warm = True
-
-    class threshold:  # noqa: N801 - mimics Threshold's attributes
-        score = 0.5
-        far = None
-
     def analyse(self, *_args, **_kw):
         raise AssertionError("this test was not meant to reach the pipeline")
 
     compare = analyse
 
 
+class UnusedModels:
+    """For tests that never reach the pipeline (auth, audit queries, keys): fails loudly if
+    a request does reach it."""
+    model_version = "unused"
+    warm = True
+    pipeline = UnusedPipeline()
+
+    class threshold:  # noqa: N801 - mimics Threshold's attributes
+        score = 0.5
+        far = None
+
+
 @pytest.fixture
-def unused_pipeline() -> UnusedPipeline:
-    return UnusedPipeline()
+def unused_models() -> UnusedModels:
+    return UnusedModels()
 
 
 @pytest.fixture
 def make_client(db_url):
-    """make_client(pipeline=None, **settings) -> TestClient on a fresh app over `db_url`.
-    Without a pipeline, UnusedPipeline is used."""
+    """make_client(models=None, **settings) -> TestClient on a fresh app over `db_url`.
+    Without models, UnusedModels are used."""
     from fastapi.testclient import TestClient
 
     from service.app import create_app
 
     clients = []
 
-    def make(pipeline=None, **overrides):
+    def make(models=None, **overrides):
         settings = Settings(database_url=db_url, **overrides)
-        client = TestClient(create_app(settings, pipeline=pipeline or UnusedPipeline()))
+        client = TestClient(create_app(settings, models=models or UnusedModels()))
         client.__enter__()
         clients.append(client)
         return client

@@ -9,29 +9,9 @@ import pytest
 
 from service.records import audit
 
-# Used only when the model ships no calibration table yet (the conftest `pipeline` fixture then
-# skips): the towers are real, the threshold is fixed. 0.95 separates LFW fold-1 pairs for the
-# dlib baseline; what these tests check does not depend on its exact value.
-FALLBACK_THRESHOLD = 0.95
-_fallback: dict = {}
-
-
-def real_pipeline(request):
-    """The real pipeline (conftest's session fixture), else the real models with a fixed
-    threshold, else None when the models cannot be loaded at all."""
-    try:
-        return request.getfixturevalue("pipeline")
-    except pytest.skip.Exception:
-        pass
-    if "p" not in _fallback:
-        try:
-            from service.app import load_pipeline
-            from service.settings import Settings
-
-            _fallback["p"] = load_pipeline(Settings(threshold=FALLBACK_THRESHOLD))
-        except Exception:  # noqa: BLE001 - models not there yet
-            _fallback["p"] = None
-    return _fallback["p"]
+def served_models(request):
+    """The served models (conftest's session fixture): they ship in the repository."""
+    return request.getfixturevalue("models")
 
 
 def lfw_pairs(lfw: Path, same: int, different: int) -> list[tuple[str, Path, Path]]:

@@ -105,8 +105,8 @@ def corpus(bundled_images) -> list[tuple[str, dict, int | tuple, str | tuple]]:
     ]
 
 
-def test_bad_input_corpus(make_client, pipeline, corpus, bundled_images, engine, role_keys):
-    client = make_client(pipeline)
+def test_bad_input_corpus(make_client, models, corpus, bundled_images, engine, role_keys):
+    client = make_client(models)
     kiosk = {"X-API-Key": role_keys["kiosk"]}
     for name, kwargs, status, codes in corpus:
         kwargs = {**kwargs, "headers": {**kiosk, **kwargs.get("headers", {})}}
@@ -156,14 +156,14 @@ def test_50mb_upload_is_refused(make_client, role_keys, engine):
 
 
 @pytest.mark.parametrize("content_type", ["multipart/form-data; boundary=xyz", "application/json"])
-def test_unsized_body_is_cut_off_at_the_cap(db_url, engine, role_keys, content_type, unused_pipeline):
+def test_unsized_body_is_cut_off_at_the_cap(db_url, engine, role_keys, content_type, unused_models):
     """A chunked body with no Content-Length: the app stops reading once the cap is passed,
     long before the (endless) body ends."""
     from service.app import create_app
     from service.settings import Settings
 
     cap, chunk = 1 * MB, 64 * 1024
-    app = create_app(Settings(database_url=db_url, max_request_bytes=cap), pipeline=unused_pipeline)
+    app = create_app(Settings(database_url=db_url, max_request_bytes=cap), models=unused_models)
     first = (b'--xyz\r\nContent-Disposition: form-data; name="id_photo"; filename="a.jpg"\r\n'
              b"Content-Type: image/jpeg\r\n\r\n") if content_type.startswith("multipart") else b'{"id_photo": "'
     pulled, sent = 0, []
@@ -190,12 +190,12 @@ def test_unsized_body_is_cut_off_at_the_cap(db_url, engine, role_keys, content_t
     engine.dispose()
 
 
-def test_declared_50mb_refused_before_the_body_is_sent(db_url, role_keys, live_server, unused_pipeline):
+def test_declared_50mb_refused_before_the_body_is_sent(db_url, role_keys, live_server, unused_models):
     """Over a real socket: headers announce 50 MB, the server answers 413 after 64 KB."""
     from service.app import create_app
     from service.settings import Settings
 
-    base = urlparse(live_server(create_app(Settings(database_url=db_url), pipeline=unused_pipeline)))
+    base = urlparse(live_server(create_app(Settings(database_url=db_url), models=unused_models)))
     with socket.create_connection((base.hostname, base.port), timeout=30) as sock:
         sock.sendall(b"POST /verify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"X-API-Key: " + role_keys["kiosk"].encode() + b"\r\n"
@@ -211,14 +211,14 @@ def test_declared_50mb_refused_before_the_body_is_sent(db_url, role_keys, live_s
     assert b'"image_too_large"' in body
 
 
-def test_unexpected_failure_is_500_audited_and_logged(make_client, pipeline, bundled_images, engine, role_keys,
+def test_unexpected_failure_is_500_audited_and_logged(make_client, models, bundled_images, engine, role_keys,
                                                       monkeypatch, caplog):
-    client = make_client(pipeline)
+    client = make_client(models)
 
     def broken(*_args):
         raise RuntimeError("tower exploded")
 
-    monkeypatch.setattr(pipeline, "compare", broken)
+    monkeypatch.setattr(models.pipeline, "compare", broken)
     face = (bundled_images / "Tom_Hanks_54745.png").read_bytes()
     r = client.post("/verify", headers={"X-API-Key": role_keys["kiosk"]},
                     files={"id_photo": ("a", face), "live_photo": ("b", face)})

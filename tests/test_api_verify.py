@@ -18,13 +18,13 @@ ANSWER_KEYS = {"request_id", "decision", "score", "threshold", "far_target", "mo
 FACE_KEYS = {"box", "landmarks", "detection_score", "face_px", "faces_seen", "quality"}
 
 
-def check_answer(body: dict, pipeline) -> None:
+def check_answer(body: dict, models) -> None:
     assert set(body) == ANSWER_KEYS, body
     assert body["decision"] in ("match", "no_match")
     assert 0.0 <= body["score"] <= 1.0
     assert body["decision"] == ("match" if body["score"] >= body["threshold"] else "no_match")
-    assert body["threshold"] == pipeline.threshold.score and body["far_target"] == pipeline.threshold.far
-    assert body["model_version"] == pipeline.model_version
+    assert body["threshold"] == models.threshold.score and body["far_target"] == models.threshold.far
+    assert body["model_version"] == models.model_version
     assert set(body["faces"]) == {"id_photo", "live_photo"}
     for face in body["faces"].values():
         assert FACE_KEYS <= set(face), face
@@ -33,8 +33,8 @@ def check_answer(body: dict, pipeline) -> None:
     assert {"decode", "detect", "align", "embed"} <= set(body["timings_ms"])
 
 
-def test_verify_multipart_answer_audit_and_metrics(make_client, pipeline, bundled_images, engine, role_keys):
-    client = make_client(pipeline)
+def test_verify_multipart_answer_audit_and_metrics(make_client, models, bundled_images, engine, role_keys):
+    client = make_client(models)
     id_bytes = (bundled_images / "Tom_Hanks_54745.png").read_bytes()
     live_bytes = (bundled_images / "t1.jpg").read_bytes()  # a group photo: six faces
     r = client.post("/verify", headers={"X-API-Key": role_keys["kiosk"]},
@@ -43,7 +43,7 @@ def test_verify_multipart_answer_audit_and_metrics(make_client, pipeline, bundle
                     data={"device_id": "kiosk-12", "reference": "case 4711"})
     assert r.status_code == 200, r.text
     body = r.json()
-    check_answer(body, pipeline)
+    check_answer(body, models)
     assert r.headers["X-Request-ID"] == body["request_id"]
     assert body["faces"]["id_photo"]["faces_seen"] == 1
     assert body["faces"]["live_photo"]["faces_seen"] > 1
@@ -70,8 +70,8 @@ def test_verify_multipart_answer_audit_and_metrics(make_client, pipeline, bundle
         or 'idverify_request_duration_seconds_bucket{method="POST",route="/verify",le="0.005"}' in metrics
 
 
-def test_verify_json_lfw_pairs(make_client, pipeline, lfw_pairs, role_keys):
-    client = make_client(pipeline)
+def test_verify_json_lfw_pairs(make_client, models, lfw_pairs, role_keys):
+    client = make_client(models)
     scores = {}
     for kind, (a, b) in lfw_pairs.items():
         r = client.post("/verify", headers={"X-API-Key": role_keys["admin"]}, json={
@@ -79,12 +79,12 @@ def test_verify_json_lfw_pairs(make_client, pipeline, lfw_pairs, role_keys):
             "live_photo": "data:image/jpeg;base64," + base64.b64encode(b.read_bytes()).decode(),
             "device_id": "lfw", "reference": kind})
         assert r.status_code == 200, r.text
-        check_answer(r.json(), pipeline)
+        check_answer(r.json(), models)
         scores[kind] = r.json()["score"]
     assert scores["same"] > scores["different"], scores
 
 
-def test_verify_accepts_other_formats(make_client, pipeline, bundled_images, role_keys):
+def test_verify_accepts_other_formats(make_client, models, bundled_images, role_keys):
     from PIL import Image
 
     face = Image.open(bundled_images / "Tom_Hanks_54745.png").convert("RGB")
@@ -94,19 +94,19 @@ def test_verify_accepts_other_formats(make_client, pipeline, bundled_images, rol
         face.save(buf, fmt)
         return buf.getvalue()
 
-    client = make_client(pipeline)
+    client = make_client(models)
     for id_fmt, live_fmt in (("WEBP", "JPEG2000"), ("BMP", "JPEG")):
         r = client.post("/verify", headers={"X-API-Key": role_keys["kiosk"]},
                         files={"id_photo": ("a", encoded(id_fmt)), "live_photo": ("b", encoded(live_fmt))})
         assert r.status_code == 200, (id_fmt, live_fmt, r.text)
-        check_answer(r.json(), pipeline)
+        check_answer(r.json(), models)
 
 
-def test_parallel_verifies_through_uvicorn(pipeline, bundled_images, db_url, engine, role_keys, live_server):
+def test_parallel_verifies_through_uvicorn(models, bundled_images, db_url, engine, role_keys, live_server):
     from service.app import create_app
     from service.settings import Settings
 
-    base = live_server(create_app(Settings(database_url=db_url), pipeline=pipeline))
+    base = live_server(create_app(Settings(database_url=db_url), models=models))
     photo = (bundled_images / "Tom_Hanks_54745.png").read_bytes()
     n = 6
     answers: list = [None] * n
@@ -138,10 +138,10 @@ def test_parallel_verifies_through_uvicorn(pipeline, bundled_images, db_url, eng
         assert http.get("/readyz").status_code == 200
 
 
-def test_readiness(make_client, pipeline, db_url):
+def test_readiness(make_client, models, db_url):
     from sqlalchemy import create_engine
 
-    client = make_client(pipeline)
+    client = make_client(models)
     r = client.get("/readyz")
     assert r.status_code == 200 and r.json()["checks"] == {"database": True, "models": True, "warm": True}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.face.artifacts import ArtifactError
-from service.face.pipeline import Pipeline
+from service.face.loader import load_models, load_pipeline
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent / "models" / "repository"
@@ -26,8 +26,18 @@ def _current(repo: Path) -> Path:
 
 
 def test_loads_when_everything_matches(repo_copy):
-    pipeline = Pipeline.from_settings(Settings(models_dir=repo_copy))
-    assert pipeline.model_version.startswith("towers:") and pipeline.threshold.far is not None
+    models = load_models(Settings(models_dir=repo_copy))
+    assert models.model_version.startswith("towers:") and models.threshold.far is not None
+    # the detector and the towers are both resolved from the repository by version
+    assert models.pipeline.detector_version == "mtcnn:1"
+
+
+def test_loader_resolves_the_detector_version(repo_copy):
+    (repo_copy / "mtcnn" / "2").mkdir()
+    with pytest.raises(ArtifactError, match="no manifest"):
+        load_pipeline(Settings(models_dir=repo_copy, detector_version="2"))
+    (repo_copy / "mtcnn" / "CURRENT").write_text("1\n")
+    assert load_pipeline(Settings(models_dir=repo_copy, detector_version="current")).detector_version == "mtcnn:1"
 
 
 def test_refuses_a_tower_with_another_hash(repo_copy):
@@ -37,7 +47,7 @@ def test_refuses_a_tower_with_another_hash(repo_copy):
     data[-100] ^= 0xFF  # one flipped byte in the weights
     onnx.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="does not match"):
-        Pipeline.from_settings(Settings(models_dir=repo_copy))
+        load_pipeline(Settings(models_dir=repo_copy))
 
 
 def test_refuses_an_edited_calibration_table(repo_copy):
@@ -46,13 +56,13 @@ def test_refuses_an_edited_calibration_table(repo_copy):
     body["table"][0]["score"] -= 0.01
     cal.write_text(json.dumps(body))
     with pytest.raises(ArtifactError, match="does not match"):
-        Pipeline.from_settings(Settings(models_dir=repo_copy))
+        load_pipeline(Settings(models_dir=repo_copy))
 
 
 def test_refuses_a_missing_version(repo_copy):
     (repo_copy / "towers" / "CURRENT").write_text("no-such-version\n")
     with pytest.raises(ArtifactError, match="no manifest"):
-        Pipeline.from_settings(Settings(models_dir=repo_copy))
+        load_pipeline(Settings(models_dir=repo_copy))
 
 
 def test_app_does_not_start_on_a_mismatch(repo_copy, tmp_path):

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
-from console_support import append_record, lfw_pairs, real_pipeline
+from console_support import append_record, lfw_pairs, served_models
 from service.records import audit, keys
 from service.app import create_app
 from service.cli import main as cli
@@ -55,11 +55,8 @@ def test_chain_verifies_after_200_concurrent_verify_calls_on_postgresql(request,
     engine = make_engine(pg_url)
     try:
         kiosk = keys.create_key(engine, "kiosk", "chain-kiosk")[1]
-        pipeline = real_pipeline(request)
-        app = create_app(Settings(database_url=pg_url), pipeline=pipeline or object())
+        app = create_app(Settings(database_url=pg_url), models=served_models(request))
         base = live_server(app)
-        if pipeline is None:
-            app.state.pipeline = None  # no models here: /verify answers 503 not_ready (audited)
         pairs = list(itertools.islice(itertools.cycle(_photo_pairs(request)), CALLS))
 
         barrier = threading.Barrier(CALLS)
@@ -88,11 +85,11 @@ def test_chain_verifies_after_200_concurrent_verify_calls_on_postgresql(request,
         failures = [r for r in results if not isinstance(r, tuple)]
         assert not failures, failures[:3]
         statuses = {status for status, _, _ in results}
-        expected = {200} if pipeline is not None else {503}
+        expected = {200}
         assert statuses == expected, statuses
         with capsys.disabled():
             print(f"\n{CALLS} concurrent /verify calls on PostgreSQL in {elapsed:.1f} s "
-                  f"({'real pipeline' if pipeline is not None else 'NO MODELS: not_ready rejections'})")
+                  "(real pipeline)")
 
         # every answer has its record, and nothing else is in the chain
         answered = {rid for _, rid, _ in results}

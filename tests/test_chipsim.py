@@ -122,8 +122,10 @@ def test_chips_of_lfw_images_are_detected():
     mtcnn = ROOT / "models" / "repository" / "mtcnn" / "1"
     if not (mtcnn / "manifest.json").exists():
         pytest.skip(f"MTCNN artifacts not found at {mtcnn}")
-    from service.face.detect import FaceDetector, select_face
-    det = FaceDetector.from_dir(mtcnn, threads=1)
+    from service.face.detect import select_face
+    from service.face.loader import load_detector
+    from service.settings import Settings
+    det = load_detector(Settings(), threads=1)
     names = ["Abel_Pacheco", "Akhmed_Zakayev", "George_W_Bush", "Serena_Williams", "Colin_Powell", "Jennifer_Aniston"]
     widths, eyes = [], []
     for name in names:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from console_support import FALLBACK_THRESHOLD, lfw_pairs, real_pipeline, seed
+from console_support import lfw_pairs, served_models
 from service.records import keys, retention
 from service.app import create_app
 from service.records.engine import make_engine, migrate
@@ -65,34 +65,19 @@ def console_site(request, tmp_path, live_server):
     engine = make_engine(url)
     kiosk = keys.create_key(engine, "kiosk", "lobby-kiosk")[1]
     operator = keys.create_key(engine, "operator", "Dana (operator)")[1]
-    pipeline = real_pipeline(request)
-    if pipeline is not None and pipeline.threshold.far is None:
-        # uncalibrated towers (conftest then uses threshold 0.5, under which every pair matches):
-        # a view of the same pipeline with a fixed threshold, so the list has no-matches to filter
-        import copy
-
-        from service.face.decide import Threshold
-
-        pipeline = copy.copy(pipeline)
-        pipeline.threshold = Threshold(score=FALLBACK_THRESHOLD, far=None)
     app = create_app(Settings(database_url=url, retain_images=True, image_key=retention.generate_key()),
-                     pipeline=pipeline or object())
+                     models=served_models(request))
     base = live_server(app)
-    if pipeline is None:
-        app.state.pipeline = None
-        seed(engine, key_id=keys.lookup(engine, kiosk).id)
-        made = "audit writer (models not loadable)"
-    else:
-        import httpx
+    import httpx
 
-        calls = _photo_pairs(request) + [("no face", _blank_jpeg(), _blank_jpeg())]
-        with httpx.Client(base_url=base, timeout=120) as client:
-            for i, (kind, id_photo, live_photo) in enumerate(calls):
-                r = client.post("/verify", headers={"X-API-Key": kiosk},
-                                files={"id_photo": ("chip.jpg", id_photo), "live_photo": ("live.jpg", live_photo)},
-                                data={"device_id": f"kiosk-{1 + i % 3}", "reference": f"case-{1000 + i} ({kind})"})
-                assert r.status_code in (200, 422), r.text
-        made = "real /verify calls"
+    calls = _photo_pairs(request) + [("no face", _blank_jpeg(), _blank_jpeg())]
+    with httpx.Client(base_url=base, timeout=120) as client:
+        for i, (kind, id_photo, live_photo) in enumerate(calls):
+            r = client.post("/verify", headers={"X-API-Key": kiosk},
+                            files={"id_photo": ("chip.jpg", id_photo), "live_photo": ("live.jpg", live_photo)},
+                            data={"device_id": f"kiosk-{1 + i % 3}", "reference": f"case-{1000 + i} ({kind})"})
+            assert r.status_code in (200, 422), r.text
+    made = "real /verify calls"
     engine.dispose()
     return base, operator, made
 

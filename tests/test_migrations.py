@@ -69,7 +69,7 @@ def test_app_refuses_an_unmigrated_database(tmp_path):
 
     from service.app import create_app
 
-    app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'empty.db'}"), pipeline=object())
+    app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'empty.db'}"), models=object())
     with pytest.raises(RuntimeError, match="idverify migrate"):
         with TestClient(app):
             pass

@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from console_support import real_pipeline, sign_in
+from console_support import served_models, sign_in
 from service.records import audit, retention
 from service.app import create_app
 from service.cli import main as cli
@@ -37,15 +37,14 @@ def photos(bundled_images) -> dict[str, bytes]:
 @pytest.fixture
 def retaining_client(request, db_url):
     """make(**settings) -> TestClient over db_url with retention on (real models when they load)."""
-    pipeline = real_pipeline(request)
+    models = served_models(request)
     clients = []
 
     def make(**overrides):
         settings = Settings(database_url=db_url, **{"retain_images": True, "image_key": KEY, **overrides})
-        client = TestClient(create_app(settings, pipeline=pipeline))
-        if pipeline is not None:
-            client.__enter__()  # lifespan (schema check); without models it would try to load them
-            clients.append(client)
+        client = TestClient(create_app(settings, models=models))
+        client.__enter__()  # lifespan (schema check)
+        clients.append(client)
         return client
 
     yield make
@@ -74,14 +73,14 @@ def _blobs(engine, audit_id: str) -> dict[str, bytes]:
 def test_refuses_to_start_with_retention_on_and_no_usable_key(tmp_path):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     with pytest.raises(retention.RetentionConfigError, match="IDV_IMAGE_KEY is not set"):
-        create_app(Settings(database_url=url, retain_images=True, image_key=None), pipeline=object())
+        create_app(Settings(database_url=url, retain_images=True, image_key=None), models=object())
     with pytest.raises(retention.RetentionConfigError, match="32 bytes"):
-        create_app(Settings(database_url=url, retain_images=True, image_key="c2hvcnQ="), pipeline=object())
+        create_app(Settings(database_url=url, retain_images=True, image_key="c2hvcnQ="), models=object())
     with pytest.raises(retention.RetentionConfigError, match="base64"):
-        create_app(Settings(database_url=url, retain_images=True, image_key="not base64 !!"), pipeline=object())
+        create_app(Settings(database_url=url, retain_images=True, image_key="not base64 !!"), models=object())
     # off by default; on with a key is fine
     assert Settings(_env_file=None).retain_images is False or pytest.skip("IDV_RETAIN_IMAGES set here")
-    create_app(Settings(database_url=url, retain_images=True, image_key=KEY), pipeline=object())
+    create_app(Settings(database_url=url, retain_images=True, image_key=KEY), models=object())
 
 
 def test_image_key_cli_prints_a_usable_key(capsys):

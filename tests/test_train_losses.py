@@ -36,27 +36,6 @@ def test_hard_negative_gradient_flows():
     assert e_id.grad.abs().sum() > 0 and e_live.grad.abs().sum() > 0
 
 
-def test_coupling_penalty_is_sum_of_squared_differences():
-    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
-    with torch.no_grad():
-        b.weight.copy_(a.weight)
-        b.bias.copy_(a.bias)
-    assert float(L.coupling_penalty(a, b)) == 0.0
-    with torch.no_grad():
-        b.weight[0, 0] += 0.5
-        b.bias[1] -= 2.0
-    assert float(L.coupling_penalty(a, b)) == pytest.approx(0.25 + 4.0)
-
-
-def test_anchor_penalty():
-    m = torch.nn.Linear(3, 2)
-    ref = {n: p.detach().clone() for n, p in m.named_parameters()}
-    assert float(L.anchor_penalty(m, ref)) == 0.0
-    with torch.no_grad():
-        m.weight.add_(1.0)
-    assert float(L.anchor_penalty(m, ref)) == pytest.approx(6.0)
-
-
 def test_group_lasso_counts_units():
     w = torch.zeros(3, 10)
     w[:, 2] = torch.tensor([3.0, 4.0, 0.0])

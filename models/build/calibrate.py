@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 from service.face.artifacts import sha256_file
-from models.eval.cli import load_pipeline
 from models.eval.pairs import parse_folds
 from models.eval.protocols import evaluate
 from models.eval.report import summarise
+from service.face.loader import load_pipeline
 from service.settings import get_settings
 
 RESERVED = {9, 10}

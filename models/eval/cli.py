@@ -14,22 +14,6 @@ ROOT = Path(__file__).resolve().parents[2]
 REQUIRES = ("matplotlib", "scipy", "tqdm")  # the `eval` extra; without it `idverify eval` is not offered
 
 
-def load_pipeline(settings=None):
-    """The service pipeline for evaluation. Evaluation never uses the decision threshold, so a
-    model without a calibration table yet (the table is what evaluation produces) is loaded
-    with a placeholder fixed threshold instead of refusing."""
-    from service.face.pipeline import Pipeline
-    from service.settings import get_settings
-
-    settings = settings or get_settings()
-    try:
-        return Pipeline.from_settings(settings)
-    except ValueError as exc:
-        if "calibration" not in str(exc) or settings.threshold is not None:
-            raise
-        return Pipeline.from_settings(settings.model_copy(update={"threshold": 0.5}))
-
-
 def register(sub) -> None:
     p = sub.add_parser("eval", help="verification accuracy on LFW (lfw) or simulated chip vs live (lfw-ivs)",
                        description=_package.__doc__.split("\n\n")[0])
@@ -58,6 +42,7 @@ def run_cli(args) -> int:
     from models.eval.pairs import parse_folds
     from models.eval.protocols import evaluate
     from models.eval.report import summary_lines
+    from service.face.loader import load_pipeline
     from service.settings import get_settings
 
     settings = get_settings()
@@ -70,9 +55,8 @@ def run_cli(args) -> int:
         print(f"error: {data_dir / 'lfw' / 'pairs.txt'} not found (set --data-dir or IDV_DATA_DIR)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    pipeline = load_pipeline(settings)
-    if hasattr(pipeline, "warmup"):
-        pipeline.warmup()
+    pipeline = load_pipeline(settings)   # evaluation needs no decision threshold
+    pipeline.warmup()
     print(f"loaded {pipeline.model_version} in {time.perf_counter() - t0:.1f}s; onnx threads "
           f"{settings.onnx_threads or 'default'}; cpu count {os.cpu_count()}", file=sys.stderr)
     report = evaluate(args.protocol, folds, pipeline, data_dir, limit=args.limit,

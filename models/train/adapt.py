@@ -54,7 +54,7 @@ def attribute_metric(model, attr: str, d: dict, stats: dict) -> dict:
 
 def featurise(items: list[D.Item], data_dir: Path, threads: int, cut: str = "level2") -> dict:
     cfg = CacheConfig(data_dir=data_dir, root=Path("/nonexistent"), threads=threads)
-    fe, net = Frontend(threads=1), _backbone(threads)
+    fe, net = Frontend(cfg.settings, threads=1), _backbone(threads)
     parts = [build_shard(items[i:i + 256], cfg, fe, net, with_occ=False) for i in range(0, len(items), 256)]
     d = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     for v in ("live", "chip", "occ"):

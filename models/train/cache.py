@@ -21,12 +21,13 @@ import io
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from models.train.data import Item, assert_no_reserved
+from service.settings import Settings
 
 CUT = "level2"            # default cut: output of level2 (128 x 8 x 8) -> level1+level0+fc train
 CUTS = ("level2", "level3")  # both activations are cached; level3 lets level2 train too
@@ -42,28 +43,17 @@ class CacheConfig:
     chip_seed: int = 1          # training chips; the evaluation protocol uses its own seed
     occ_frac: float = 0.35      # fraction of images that get an occluded live variant
     threads: int = 2
-
-
-def _settings_bits():
-    from service.settings import get_settings
-    return get_settings()
+    settings: Settings = field(default_factory=Settings)   # models_dir, detector, decode limits
 
 
 class Frontend:
     """Detection + alignment + chip simulation exactly as the service composes them."""
 
-    def __init__(self, threads: int = 1):
-        from service.face.align import align  # noqa: F401  (fail early if missing)
-        from service.face.artifacts import resolve_version
-        from service.face.detect import FaceDetector
-        from service.runtime import choose_providers
-        s = _settings_bits()
-        providers = choose_providers("cpu")
-        self.detector = FaceDetector.from_dir(resolve_version(s.models_dir, "mtcnn", "1"), providers=providers, threads=threads)
-        self.detector.max_side = s.detect_max_side
-        self.detector.min_side = s.detect_min_side
-        self.settings = s
-        self.template, self.size = tower_template()
+    def __init__(self, settings: Settings, threads: int = 1):
+        from service.face.loader import load_detector
+        self.detector = load_detector(settings, providers=["CPUExecutionProvider"], threads=threads)
+        self.settings = settings
+        self.template, self.size = tower_template(settings.models_dir)
 
     def face(self, img: np.ndarray):
         from service.face.detect import select_face
@@ -80,13 +70,11 @@ class Frontend:
         return align(img, face.landmarks, self.template, self.size)
 
 
-def tower_template() -> tuple[np.ndarray, int]:
+def tower_template(models_dir: Path) -> tuple[np.ndarray, int]:
     """The chip template the pipeline aligns to: the one in the baseline towers manifest (the
     pretrained backbone's), which every exported version keeps."""
     import json
-    from service.settings import get_settings
-    s = get_settings()
-    man = json.loads((Path(s.models_dir) / "towers" / "baseline" / "manifest.json").read_text())
+    man = json.loads((Path(models_dir) / "towers" / "baseline" / "manifest.json").read_text())
     tpl = man["template"]
     return np.asarray(tpl["points"], dtype=np.float32), int(tpl["size"])
 
@@ -101,14 +89,14 @@ def read_rgb(path: Path) -> np.ndarray:
         raise ValueError(f"cannot read {path}: {exc}") from exc
 
 
-def decode_bytes(data: bytes, field: str = "id_photo") -> np.ndarray:
+def decode_bytes(data: bytes, settings: Settings, field: str = "id_photo") -> np.ndarray:
     """Bytes -> RGB as the service decodes them (service.face.decode when present, else PIL)."""
     try:
         from service.face.decode import decode_image
     except ImportError:
         from PIL import Image
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    return decode_image(data, field, _settings_bits())
+    return decode_image(data, field, settings)
 
 
 def pose(landmarks: np.ndarray) -> tuple[float, float]:
@@ -187,7 +175,7 @@ def build_shard(items: list[Item], cfg: CacheConfig, frontend: Frontend, net, wi
         path = Path(cfg.data_dir) / it.key
         try:
             img = read_rgb(path)                                   # chip simulator input
-            live_img = decode_bytes(path.read_bytes(), "live_photo")  # what /verify decodes
+            live_img = decode_bytes(path.read_bytes(), cfg.settings, "live_photo")  # what /verify decodes
         except Exception:  # noqa: BLE001 - unreadable: FTA
             continue
         face, _ = frontend.face(live_img)
@@ -212,7 +200,7 @@ def build_shard(items: list[Item], cfg: CacheConfig, frontend: Frontend, net, wi
                 # other sources: the detected landmarks
                 lm = None if it.source == "lfw" else face.landmarks
                 data = simulate_chip(img, lm, chip_rng(it.key, seed))
-                cimg = decode_bytes(data)
+                cimg = decode_bytes(data, cfg.settings)
             except Exception as exc:  # noqa: BLE001 - a failed chip is an FTA, counted
                 print(f"chip failed for {it.key}: {exc}", file=sys.stderr)
                 continue
@@ -280,7 +268,7 @@ def build_split(split: str, items: list[Item], cfg: CacheConfig, reserved: set[s
 
 
 def _build_split(split, items, cfg, root, final, with_chip, with_occ, chip_seed, flip=False) -> Path:
-    frontend = Frontend(threads=1)
+    frontend = Frontend(cfg.settings, threads=1)
     net = _backbone(cfg.threads)
     parts = []
     t0 = time.time()

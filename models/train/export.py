@@ -89,10 +89,11 @@ def build_manifest(version: str, files: dict[str, str], run_cfg: dict, metrics: 
 
 
 def pipeline_for(version: str, threshold: float | None = 0.5):
-    from service.face.pipeline import Pipeline
+    """The service pipeline on `version` (evaluation needs no threshold; `threshold` only goes
+    into the reported command line)."""
+    from service.face.loader import load_pipeline
     from service.settings import Settings
-    s = Settings(tower_version=version, threshold=threshold, providers="cpu", onnx_threads=2)
-    return Pipeline.from_settings(s)
+    return load_pipeline(Settings(tower_version=version, threshold=threshold, providers="cpu", onnx_threads=2))
 
 
 def run_eval(version: str, protocol: str, folds: list[int], data_dir: Path, out: Path, threshold=0.5,

@@ -1,8 +1,8 @@
 """Loss terms of the dual heterogeneous network (torch).
 
 total = pair_loss(id(chip), live(live))                       binary same/different, hard negatives
-      + lam    * sum_l ||W_id[l] - W_live[l]||^2               coupling of corresponding layers
-      + mu     * sum_l ||W_live[l] - W_pre[l]||^2              live tower stays near the pretrained net
+      + lam    * sum_l ||W_id[l] - W_live[l]||^2               coupling (DualTowers.coupling)
+      + mu     * sum_l ||W_live[l] - W_pre[l]||^2              anchor (DualTowers.anchor)
       + heads  (attribute losses, masked where a label is missing)
       + gamma  * group_lasso(head weights over embedding units) (+ l1)
 """
@@ -43,25 +43,6 @@ def binary_pair_loss(e_id: torch.Tensor, e_live: torch.Tensor, ident: torch.Tens
     with torch.no_grad():
         stats = {"pos_cos": float(cos[same].mean()), "hardneg_cos": float(cos.masked_fill(same, -2).max(1).values.mean())}
     return loss, stats
-
-
-def coupling_penalty(a: torch.nn.Module, b: torch.nn.Module) -> torch.Tensor:
-    """sum over corresponding parameters of ||W_a - W_b||^2 (same architecture, matched by name)."""
-    pb = dict(b.named_parameters())
-    total = None
-    for name, wa in a.named_parameters():
-        d = (wa - pb[name]).pow(2).sum()
-        total = d if total is None else total + d
-    return total if total is not None else torch.zeros(())
-
-
-def anchor_penalty(m: torch.nn.Module, ref: dict[str, torch.Tensor]) -> torch.Tensor:
-    """sum ||W - W_ref||^2 over m's parameters (ref: detached pretrained copies by name)."""
-    total = None
-    for name, w in m.named_parameters():
-        d = (w - ref[name]).pow(2).sum()
-        total = d if total is None else total + d
-    return total if total is not None else torch.zeros(())
 
 
 def group_lasso(weight: torch.Tensor) -> torch.Tensor:

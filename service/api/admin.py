@@ -8,9 +8,10 @@ from pydantic import BaseModel, Field
 
 from service.records import keys
 from service.api import deps
+from service.api.schemas import ERRORS, KeyAnswer, KeyCreated, KeyList
 from service.errors import ApiError
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(deps.require("keys"))])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(deps.require("keys"))], responses=ERRORS)
 
 
 class KeyCreate(BaseModel):
@@ -18,19 +19,19 @@ class KeyCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
 
 
-@router.post("/keys", status_code=201)
+@router.post("/keys", status_code=201, response_model=KeyCreated)
 def create_key(body: KeyCreate, request: Request) -> dict:
     """The plaintext key is in this answer only; it is stored hashed."""
     key, plaintext = keys.create_key(deps.engine(request), body.role, body.name)
     return {"id": key.id, "key": plaintext, "role": key.role, "name": key.name, "prefix": key.prefix}
 
 
-@router.get("/keys")
+@router.get("/keys", response_model=KeyList)
 def list_keys(request: Request) -> dict:
     return {"items": [keys.public(k) for k in keys.list_keys(deps.engine(request))]}
 
 
-@router.delete("/keys/{key_id}")
+@router.delete("/keys/{key_id}", response_model=KeyAnswer)
 def revoke_key(key_id: int, request: Request) -> dict:
     key = keys.revoke_key(deps.engine(request), key_id)
     if key is None:

@@ -15,11 +15,12 @@ def engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def pipeline(request: Request):
-    p = request.app.state.pipeline
-    if p is None:
+def models(request: Request):
+    """The loaded models (service.face.loader.Models); 503 `not_ready` while they are not."""
+    m = request.app.state.models
+    if m is None:
         raise ApiError("not_ready", "the models are not loaded", None, status=503)
-    return p
+    return m
 
 
 def authenticate(request: Request) -> ApiKey:

@@ -5,28 +5,29 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from service.api.schemas import HealthAnswer, ReadyAnswer
 from service.records.engine import ping
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=HealthAnswer)
 def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=ReadyAnswer, responses={503: {"model": ReadyAnswer}})
 def readyz(request: Request) -> JSONResponse:
     state = request.app.state
-    pipeline = state.pipeline
+    models = state.models
     checks = {
         "database": ping(state.engine),
-        "models": pipeline is not None,
-        "warm": bool(pipeline is not None and getattr(pipeline, "warm", True)),
+        "models": models is not None,
+        "warm": bool(models is not None and getattr(models, "warm", True)),
     }
     ready = all(checks.values())
     body = {"status": "ready" if ready else "not_ready", "checks": checks,
-            "model_version": getattr(pipeline, "model_version", None)}
+            "model_version": getattr(models, "model_version", None)}
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

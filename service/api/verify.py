@@ -1,26 +1,27 @@
 """POST /verify: is the person on the ID-chip photo the person in the live photo?
 
-Top to bottom: authenticate -> authorise -> rate-limit -> parse request -> analyse(id_photo)
--> analyse(live_photo) -> compare -> threshold.decide -> audit write -> answer. Every call
-made with a valid key writes exactly one audit record (match, no_match or rejected), committed
-before the answer leaves. The key is checked before the body is read, so anonymous callers
-never get their uploads read or parsed.
+Top to bottom: authenticate -> authorise -> rate-limit -> read the request -> analyse(id_photo)
+-> analyse(live_photo) -> compare -> decide -> audit write -> answer. A `VerifyAttempt`
+collects what each stage saw; the audit record and the answer are both built from it. Every
+call made with a valid key writes exactly one audit record (match, no_match or rejected),
+committed before the answer leaves. The key is checked before the body is read, so anonymous
+callers never get their uploads read or parsed.
 """
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.records import audit, retention
 from service.api import deps
-from service.api.verify_input import VerifyInput, read_verify_input
+from service.api.attempt import INTERNAL, VerifyAttempt
+from service.api.schemas import ERRORS, VerifyAnswer
+from service.api.verify_input import read_verify_input
 from service.errors import RATE_LIMITED, ApiError
-from service.face.pipeline import Side
+from service.records import audit, retention
 
 log = logging.getLogger("idverify.verify")
 router = APIRouter()
@@ -36,61 +37,41 @@ OPENAPI_BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
-@router.post("/verify", openapi_extra=OPENAPI_BODY, tags=["verify"])
+@router.post("/verify", openapi_extra=OPENAPI_BODY, tags=["verify"], response_model=VerifyAnswer, responses=ERRORS)
 async def verify(request: Request) -> JSONResponse:
     state = request.app.state
-    started = time.perf_counter()
-    request_id = str(uuid.uuid4())
+    attempt = VerifyAttempt()
     key = await run_in_threadpool(deps.authenticate, request)  # 401: no caller to audit
-    inp: VerifyInput | None = None
-    sides: dict = {"id_photo": None, "live_photo": None}
-    timings: dict[str, float] = {}
-    result: dict | None = None
-    error: ApiError | None = None
+    attempt.key_id = key.id
+    models = state.models
     try:
         deps.authorize(key, "verify")
         _rate_limit(state.limiter, key.id)
-        inp = await read_verify_input(request, state.settings.max_request_bytes)
-        pipeline = deps.pipeline(request)
-        sides["id_photo"] = await run_in_threadpool(pipeline.analyse, inp.id_photo, "id_photo", timings)
-        sides["live_photo"] = await run_in_threadpool(pipeline.analyse, inp.live_photo, "live_photo", timings)
+        attempt.received(await read_verify_input(request, state.settings.max_request_bytes))
+        models = deps.models(request)
+        for field in ("id_photo", "live_photo"):
+            await run_in_threadpool(models.pipeline.analyse, getattr(attempt.input, field), field,
+                                    attempt.timings, attempt.sides[field])
         t0 = time.perf_counter()
-        score = float(pipeline.compare(sides["id_photo"], sides["live_photo"]))
-        decision = pipeline.threshold.decide(score)
-        timings["compare"] = (time.perf_counter() - t0) * 1000.0
-        result = {"decision": decision, "score": score, "threshold": pipeline.threshold.score,
-                  "far_target": pipeline.threshold.far, "model_version": pipeline.model_version}
+        score = models.pipeline.compare(attempt.sides["id_photo"], attempt.sides["live_photo"])
+        attempt.decided(score, models.threshold.decide(score), (time.perf_counter() - t0) * 1000.0)
     except ApiError as exc:
-        error = exc
-        if exc.side is not None and exc.field in sides:
-            sides[exc.field] = exc.side
+        attempt.failed(exc)
     except Exception:  # noqa: BLE001 - answered as internal_error, logged, and audited
-        log.exception("verify %s failed", request_id)
-        error = ApiError("internal_error", "internal error; quote the request id to support",
-                         None, status=500)
-    state.metrics.observe_stages(timings)
-    latency_ms = (time.perf_counter() - started) * 1000.0
+        log.exception("verify %s failed", attempt.request_id)
+        attempt.failed(ApiError(INTERNAL, "internal error; quote the request id to support", None, status=500))
+    state.metrics.observe_stages(attempt.timings)
+    attempt.finished()
 
     try:
-        await run_in_threadpool(_write_audit, request, request_id, key.id, inp, sides, result, error,
-                                timings, latency_ms)
+        await run_in_threadpool(write_audit, state.engine, state.image_cipher, state.settings, attempt, models)
     except Exception:  # noqa: BLE001 - without its audit record, no answer may be given
-        log.exception("audit write for %s failed", request_id)
-        error, result = ApiError("internal_error", "the audit record could not be written", None, status=500), None
+        log.exception("audit write for %s failed", attempt.request_id)
+        attempt.failed(ApiError(INTERNAL, "the audit record could not be written", None, status=500))
 
-    headers = {"X-Request-ID": request_id}
-    if error is not None:
-        request.state.outcome = error.code
-        headers.update(getattr(error, "headers", None) or {})
-        return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
-    request.state.outcome = result["decision"]
-    timings["total"] = (time.perf_counter() - started) * 1000.0
-    return JSONResponse({
-        "request_id": request_id,
-        **result,
-        "faces": {field: side.to_public() for field, side in sides.items()},
-        "timings_ms": {stage: round(ms, 2) for stage, ms in timings.items()},
-    }, headers=headers)
+    request.state.outcome = attempt.outcome
+    status, body, headers = attempt.answer(models)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _rate_limit(limiter, key_id: int) -> None:
@@ -102,22 +83,7 @@ def _rate_limit(limiter, key_id: int) -> None:
         raise err
 
 
-def _write_audit(request: Request, request_id: str, key_id: int, inp: VerifyInput | None, sides: dict,
-                 result: dict | None, error: ApiError | None, timings: dict, latency_ms: float) -> None:
-    columns: dict = {}
-    for field, side in sides.items():
-        if side is None and inp is not None:  # never analysed, or failed before the pipeline said what it saw
-            side = Side.of(getattr(inp, field))
-        columns.update(audit.side_columns(field, side))
-    if result is None:
-        p = request.app.state.pipeline
-        columns.update(decision="rejected", error_code=error.code, error_field=error.field,
-                       threshold=p.threshold.score if p else None, far_target=p.threshold.far if p else None,
-                       model_version=p.model_version if p else None)
-    else:
-        columns.update(result)
-    audit.append(request.app.state.engine, id=request_id, key_id=key_id,
-                 device_id=inp.device_id if inp else None, reference=inp.reference if inp else None,
-                 latency_ms=round(latency_ms, 3), timings_ms={k: round(v, 3) for k, v in timings.items()} or None,
-                 **columns)
-    retention.retain_request(request.app.state, request_id, inp)  # IDV_RETAIN_IMAGES: encrypted uploads
+def write_audit(engine, cipher, settings, attempt: VerifyAttempt, models) -> None:
+    """The call's audit record (committed), then its images when IDV_RETAIN_IMAGES is on."""
+    audit.append(engine, **attempt.audit_columns(models))
+    retention.retain_request(engine, cipher, settings, attempt.request_id, attempt.input)

@@ -15,28 +15,16 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import DateTime, Engine, ForeignKey, Integer, String, delete, select, update
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import Engine, delete, select, update
 
 from service.records import keys
 from service.records.audit import utc
 from service.records.engine import read_session, write_session
-from service.records.tables import ApiKey, Base
+from service.records.tables import ApiKey, ConsoleSession
 
 COOKIE = "idv_console"
 ABSOLUTE_LIFETIME = timedelta(hours=12)
 TOUCH_EVERY = timedelta(seconds=60)
-
-
-class ConsoleSession(Base):
-    __tablename__ = "console_sessions"
-
-    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)   # SHA-256 hex of the cookie value
-    key_id: Mapped[int] = mapped_column(Integer, ForeignKey("api_keys.id", ondelete="CASCADE"))
-    csrf_token: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 @dataclass

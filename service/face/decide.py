@@ -1,4 +1,5 @@
-"""Decision: a threshold set either as a score or as a target false-accept rate.
+"""Decision: a threshold set either as a score or as a target false-accept rate. The one place
+the threshold and the decision live (the loaded `Models` hold it; `Pipeline` knows neither).
 
 The calibration table ships with the model (score -> FAR measured on impostor pairs outside the
 evaluation folds). A target FAR picks the lowest tabulated score whose FAR is <= the target;
@@ -16,6 +17,11 @@ class Threshold:
 
     def decide(self, score: float) -> str:
         return "match" if score >= self.score else "no_match"
+
+    @classmethod
+    def from_settings(cls, settings, table: list[dict]) -> "Threshold":
+        """IDV_THRESHOLD when set, else IDV_FAR_TARGET looked up in `table`."""
+        return cls.from_calibration(table, score=settings.threshold, far_target=settings.far_target)
 
     @classmethod
     def from_calibration(cls, table: list[dict], *, score: float | None, far_target: float) -> "Threshold":

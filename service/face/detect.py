@@ -129,17 +129,13 @@ def crop_batch(img: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
 class FaceDetector:
     def __init__(self, pnet, rnet, onet, *, min_face_size: float = 20.0, factor: float = 0.709,
                  thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
-                 max_side: int | None = None, min_side: int | None = None, manifest: dict | None = None):
+                 max_side: int, min_side: int, manifest: dict | None = None):
+        """`max_side`/`min_side`: IDV_DETECT_MAX_SIDE / IDV_DETECT_MIN_SIDE, passed in by
+        service.face.loader.load_detector (the detector reads no settings itself)."""
         self.pnet, self.rnet, self.onet = pnet, rnet, onet
         self.min_face_size = float(min_face_size)
         self.factor = float(factor)
         self.thresholds = tuple(float(t) for t in thresholds)
-        if max_side is None or min_side is None:
-            from service.settings import get_settings
-
-            s = get_settings()
-            max_side = s.detect_max_side if max_side is None else max_side
-            min_side = s.detect_min_side if min_side is None else min_side
         self.max_side = int(max_side)   # big frames: detect on a copy with this longer side
         self.min_side = int(min_side)   # small images: upsample so the shorter side is this
         self.manifest = manifest or {}

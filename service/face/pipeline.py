@@ -1,28 +1,24 @@
 """The face pipeline behind /verify, eval and bench: decode -> detect -> align -> embed, then
-score and decide. Loaded once per process; holds no per-request state."""
+compare. Loaded once per process (service/face/loader.py); holds no per-request state and no
+decision threshold (that is service/face/decide.py's)."""
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field as dc_field
 
 import numpy as np
 
+from service.errors import FACE_TOO_SMALL, NO_FACE, ApiError
 from service.face import quality
 from service.face.align import align
-from service.face.artifacts import Towers, load_towers, resolve_version
-from service.face.decide import Threshold
+from service.face.artifacts import Towers
 from service.face.decode import decode_image
 from service.face.detect import Face, FaceDetector, select_face
 from service.face.embed import Tower
-from service.errors import FACE_TOO_SMALL, NO_FACE, ApiError
-from service.runtime import choose_providers
 from service.face.score import similarity
 from service.settings import Settings
-
-log = logging.getLogger("idverify.pipeline")
 
 SIDES = {"id_photo": "id", "live_photo": "live"}
 
@@ -38,6 +34,9 @@ def timed(timings: dict[str, float], stage: str):
 
 @dataclass
 class Side:
+    """What the pipeline saw of one photo; filled stage by stage, so a failure leaves what was
+    seen before it."""
+    field: str
     sha256: str
     faces_seen: int | None = None  # None: detection never ran on it
     face: Face | None = None
@@ -46,14 +45,19 @@ class Side:
     embedding: np.ndarray | None = None
 
     @classmethod
-    def of(cls, data: bytes) -> "Side":
+    def of(cls, field: str, data: bytes) -> "Side":
         """What is known of an image before any analysis: its SHA-256."""
-        return cls(sha256=hashlib.sha256(data).hexdigest())
+        return cls(field=field, sha256=hashlib.sha256(data).hexdigest())
+
+    @property
+    def box(self) -> list[float] | None:
+        """The face box as answered and audited: [x1, y1, x2, y2], 0.1 px."""
+        return [round(float(v), 1) for v in self.face.box] if self.face else None
 
     def to_public(self) -> dict:
         f = self.face
         return {
-            "box": [round(float(v), 1) for v in f.box] if f else None,
+            "box": self.box,
             "landmarks": np.round(f.landmarks.astype(np.float64), 1).tolist() if f else None,
             "detection_score": round(float(f.score), 4) if f else None,
             "face_px": round(self.face_px, 1),
@@ -63,27 +67,17 @@ class Side:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, detector: FaceDetector, towers: Towers, threshold: Threshold):
+    def __init__(self, settings: Settings, detector: FaceDetector, towers: Towers):
         self.settings = settings
         self.detector = detector
         self.towers = towers
-        self.threshold = threshold
         tpl = towers.manifest["template"]
         self.template = np.asarray(tpl["points"], dtype=np.float32)
         self.chip_size = int(tpl["size"])
         self.model_version = towers.version
+        self.detector_version = f"{detector.manifest.get('name', 'mtcnn')}:{detector.manifest.get('version', '?')}"
+        self.providers = list(towers.id.session.get_providers())
         self.warm = False
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> "Pipeline":
-        providers = choose_providers(settings.providers)
-        detector_dir = resolve_version(settings.models_dir, "mtcnn", "1")
-        detector = FaceDetector.from_dir(detector_dir, providers=providers, threads=settings.onnx_threads,
-                                         max_side=settings.detect_max_side, min_side=settings.detect_min_side)
-        towers = load_towers(settings.models_dir, settings.towers, settings.tower_version, providers, settings.onnx_threads)
-        threshold = Threshold.from_calibration(towers.calibration, score=settings.threshold, far_target=settings.far_target)
-        log.info("loaded %s on %s; threshold %.4f (FAR %s)", towers.version, providers[0], threshold.score, threshold.far)
-        return cls(settings, detector, towers, threshold)
 
     def tower(self, field: str) -> Tower:
         return self.towers.id if SIDES[field] == "id" else self.towers.live
@@ -97,34 +91,32 @@ class Pipeline:
         self.towers.live.embed(chip)
         self.warm = True
 
-    def analyse(self, data: bytes, field: str, timings: dict[str, float]) -> Side:
-        """One image, one side: decode, detect, align, embed. Raises ApiError on input the
-        caller can fix; the error carries what was seen so far (`.side`) for the audit trail."""
-        side, chip = self.prepare(data, field, timings)
+    def analyse(self, data: bytes, field: str, timings: dict[str, float], side: Side | None = None) -> Side:
+        """One image, one side: decode, detect, align, embed, filling `side` (a new one if not
+        given). Raises ApiError on input the caller can fix; `side` then holds what was seen."""
+        side, chip = self.prepare(data, field, timings, side)
         with timed(timings, "embed"):
             side.embedding = self.tower(field).embed(chip)[0]
         return side
 
-    def prepare(self, data: bytes, field: str, timings: dict[str, float]) -> tuple[Side, np.ndarray]:
+    def prepare(self, data: bytes, field: str, timings: dict[str, float],
+                side: Side | None = None) -> tuple[Side, np.ndarray]:
         """decode -> detect -> select -> size check -> align: the Side so far and the aligned
         chip, ready for the tower (evaluation batches many chips through it)."""
-        side = Side.of(data)
+        side = side if side is not None else Side.of(field, data)
         with timed(timings, "decode"):
-            try:
-                image = decode_image(data, field, self.settings)
-            except ApiError as exc:
-                raise exc.with_side(side)
+            image = decode_image(data, field, self.settings)
         with timed(timings, "detect"):
             faces = self.detector.detect(image)
         side.faces_seen = len(faces)
         if not faces:
-            raise ApiError(NO_FACE, "no face was found in the image", field, status=422).with_side(side)
+            raise ApiError(NO_FACE, "no face was found in the image", field, status=422)
         face = select_face(faces, image.shape)
         side.face = face
         side.face_px = float(face.box[2] - face.box[0])
         if side.face_px < self.settings.min_face_px:
             raise ApiError(FACE_TOO_SMALL, f"the face is {side.face_px:.0f} px wide; at least "
-                           f"{self.settings.min_face_px} px are needed", field, status=422).with_side(side)
+                           f"{self.settings.min_face_px} px are needed", field, status=422)
         with timed(timings, "align"):
             chip = align(image, face.landmarks, self.template, self.chip_size)
         side.quality = quality.assess(chip, face.landmarks, side.face_px, side.faces_seen)

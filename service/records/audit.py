@@ -87,14 +87,13 @@ def compute_hash(record: AuditRecord) -> str:
 # --- writing --------------------------------------------------------------------------------
 
 def side_columns(field: str, side: Any) -> dict:
-    """The audit columns for one side (a pipeline Side, or None when it was never analysed)."""
+    """The audit columns for one side (a pipeline Side, or None when the body was never read)."""
     prefix = SIDE_FIELDS[field]
     if side is None:
         return {}
-    face = getattr(side, "face", None)
     return {
         f"{prefix}_faces": side.faces_seen,
-        f"{prefix}_box": [round(float(v), 1) for v in face.box] if face is not None else None,  # as answered
+        f"{prefix}_box": side.box,  # as answered
         f"{prefix}_quality": jsonable(side.quality) or None,
         f"{prefix}_sha256": side.sha256,
     }

@@ -24,30 +24,16 @@ from datetime import datetime, timedelta, timezone
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import (CheckConstraint, DateTime, Engine, ForeignKey, LargeBinary, String, delete, func, select,
-                        update)
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import Engine, delete, func, select, update
 
 from service.records.engine import read_session, write_session
-from service.records.tables import AuditRecord, Base
+from service.records.tables import AuditRecord, RetainedImage
 
 log = logging.getLogger("idverify.retention")
 
 SIDES = {"id_photo": "id", "live_photo": "live"}   # request field -> stored side
 MAGIC = b"IDV1"
 NONCE_LEN = 12
-
-
-class RetainedImage(Base):
-    """One encrypted upload. Created by migration 0002."""
-    __tablename__ = "retained_images"
-    __table_args__ = (CheckConstraint("side IN ('id', 'live')", name="ck_retained_images_side"),)
-
-    audit_id: Mapped[str] = mapped_column(String(36), ForeignKey("audit_records.id", ondelete="CASCADE"),
-                                          primary_key=True)
-    side: Mapped[str] = mapped_column(String(8), primary_key=True)          # id | live
-    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class RetentionConfigError(RuntimeError):
@@ -122,16 +108,15 @@ def store(engine: Engine, cipher: ImageCipher, audit_id: str, images: dict[str, 
                   .values(images_retained=True, retain_until=now + timedelta(days=retention_days)))
 
 
-def retain_request(state, audit_id: str, inp) -> None:
+def retain_request(engine: Engine, cipher: ImageCipher | None, settings, audit_id: str, inp) -> None:
     """Called by /verify after its audit record is committed: store the request's two uploads
     when retention is on. A failure is logged, not raised (the record then says
     images_retained = false); the answer still goes out."""
-    settings = state.settings
     if not settings.retain_images or inp is None:
         return
     try:
         images = {side: getattr(inp, field) for field, side in SIDES.items()}
-        store(state.engine, state.image_cipher, audit_id, images, settings.retention_days)
+        store(engine, cipher, audit_id, images, settings.retention_days)
     except Exception:  # noqa: BLE001 - retention must not turn a verified answer into an error
         log.exception("could not retain the images of %s", audit_id)
 

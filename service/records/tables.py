@@ -1,10 +1,12 @@
-"""Audit database tables (SQLAlchemy 2, typed). The schema is created and changed only by the
-Alembic migrations in migrations/versions; keep both in step."""
+"""Every database table (SQLAlchemy 2, typed): keys, audit records, retained images, console
+sessions. The schema is created and changed only by the Alembic migrations in
+migrations/versions; keep both in step."""
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, false
+from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Integer, LargeBinary,
+                        MetaData, String, false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -71,3 +73,27 @@ class AuditRecord(Base):
     # Not covered by record_hash, so a purge can clear them without breaking the chain.
     images_retained: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     retain_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RetainedImage(Base):
+    """One encrypted upload (service/records/retention.py). Created by migration 0002."""
+    __tablename__ = "retained_images"
+    __table_args__ = (CheckConstraint("side IN ('id', 'live')", name="ck_retained_images_side"),)
+
+    audit_id: Mapped[str] = mapped_column(String(36), ForeignKey("audit_records.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    side: Mapped[str] = mapped_column(String(8), primary_key=True)          # id | live
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class ConsoleSession(Base):
+    """A console sign-in (service/console/sessions.py). Created by migration 0002."""
+    __tablename__ = "console_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)   # SHA-256 hex of the cookie value
+    key_id: Mapped[int] = mapped_column(Integer, ForeignKey("api_keys.id", ondelete="CASCADE"))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

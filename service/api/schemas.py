@@ -1,0 +1,134 @@
+"""The answers of every JSON route as pydantic models, so /openapi.json shows their schemas.
+Field names and shapes are the wire format (README "API"); change them only with the clients."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorAnswer(BaseModel):
+    """Every 4xx/5xx answer."""
+    error: ErrorDetail
+
+
+# --- /verify --------------------------------------------------------------------------------
+
+class FaceAnswer(BaseModel):
+    box: list[float] | None            # [x1, y1, x2, y2] in image pixels
+    landmarks: list[list[float]] | None  # 5 x [x, y]
+    detection_score: float | None
+    face_px: float
+    faces_seen: int | None
+    quality: dict
+
+
+class VerifyFaces(BaseModel):
+    id_photo: FaceAnswer
+    live_photo: FaceAnswer
+
+
+class VerifyAnswer(BaseModel):
+    request_id: str
+    decision: Literal["match", "no_match"]
+    score: float
+    threshold: float
+    far_target: float | None
+    model_version: str
+    faces: VerifyFaces
+    timings_ms: dict[str, float]
+
+
+# --- /audit ---------------------------------------------------------------------------------
+
+class AuditFace(BaseModel):
+    faces_seen: int | None
+    box: list[float] | None
+    quality: dict | None
+    sha256: str | None
+
+
+class AuditFaces(BaseModel):
+    id_photo: AuditFace
+    live_photo: AuditFace
+
+
+class AuditRecordAnswer(BaseModel):
+    id: str
+    seq: int
+    time: str
+    key_id: int | None
+    device_id: str | None
+    reference: str | None
+    decision: Literal["match", "no_match", "rejected"]
+    score: float | None
+    threshold: float | None
+    far_target: float | None
+    model_version: str | None
+    faces: AuditFaces
+    error_code: str | None
+    error_field: str | None
+    latency_ms: float
+    timings_ms: dict[str, float] | None
+    images_retained: bool
+    prev_hash: str
+    record_hash: str
+
+
+class AuditPage(BaseModel):
+    items: list[AuditRecordAnswer]
+    next_cursor: str | None
+
+
+# --- /admin/keys ----------------------------------------------------------------------------
+
+Role = Literal["kiosk", "operator", "admin"]
+
+
+class KeyAnswer(BaseModel):
+    id: int
+    role: Role
+    name: str
+    prefix: str
+    created_at: str | None
+    revoked_at: str | None
+
+
+class KeyCreated(BaseModel):
+    """The plaintext key is in this answer only."""
+    id: int
+    key: str
+    role: Role
+    name: str
+    prefix: str
+
+
+class KeyList(BaseModel):
+    items: list[KeyAnswer]
+
+
+# --- health ---------------------------------------------------------------------------------
+
+class HealthAnswer(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyChecks(BaseModel):
+    database: bool
+    models: bool
+    warm: bool
+
+
+class ReadyAnswer(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: ReadyChecks
+    model_version: str | None
+
+
+ERRORS = {status: {"model": ErrorAnswer} for status in (400, 401, 403, 404, 413, 415, 422, 429, 500, 503)}

@@ -1,0 +1,65 @@
+"""The one model loader: the detector and the towers resolved from the repository by version,
+with the settings passed in.
+
+    load_pipeline(settings)  -> Pipeline   what evaluation, training and the benchmarks run
+    load_models(settings)    -> Models     the pipeline plus the decision threshold: what the API serves
+
+`IDV_DETECTOR_VERSION` and `IDV_TOWER_VERSION` name version folders of
+models/repository/mtcnn/ and models/repository/towers/ ("current" = the one CURRENT names).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from service.face.artifacts import load_towers, resolve_version
+from service.face.decide import Threshold
+from service.face.detect import FaceDetector
+from service.face.pipeline import Pipeline
+from service.runtime import choose_providers
+from service.settings import Settings
+
+log = logging.getLogger("idverify.loader")
+DETECTOR = "mtcnn"   # model name of the detector in the repository
+
+
+def load_detector(settings: Settings, providers: list[str] | None = None, threads: int | None = None) -> FaceDetector:
+    folder = resolve_version(settings.models_dir, DETECTOR, settings.detector_version)
+    return FaceDetector.from_dir(folder, providers=providers or choose_providers(settings.providers),
+                                 threads=settings.onnx_threads if threads is None else threads,
+                                 max_side=settings.detect_max_side, min_side=settings.detect_min_side)
+
+
+def load_pipeline(settings: Settings) -> Pipeline:
+    """Detector and towers, each file checked against its manifest; no decision threshold."""
+    providers = choose_providers(settings.providers)
+    detector = load_detector(settings, providers)
+    towers = load_towers(settings.models_dir, settings.towers, settings.tower_version, providers, settings.onnx_threads)
+    return Pipeline(settings, detector, towers)
+
+
+@dataclass
+class Models:
+    """What /verify runs: the pipeline (analyse, compare) and the threshold (decide)."""
+    pipeline: Pipeline
+    threshold: Threshold
+
+    @property
+    def model_version(self) -> str:
+        return self.pipeline.model_version
+
+    @property
+    def warm(self) -> bool:
+        return self.pipeline.warm
+
+    def warmup(self) -> None:
+        self.pipeline.warmup()
+
+
+def load_models(settings: Settings) -> Models:
+    """The served models: refuses (ValueError) a threshold the calibration table cannot place."""
+    pipeline = load_pipeline(settings)
+    threshold = Threshold.from_settings(settings, pipeline.towers.calibration)
+    log.info("loaded %s (detector %s) on %s; threshold %.4f (FAR %s)", pipeline.model_version,
+             pipeline.detector_version, pipeline.providers[0], threshold.score, threshold.far)
+    return Models(pipeline, threshold)

@@ -1,0 +1,41 @@
+"""service/face/quality.py: the informational flags on synthetic chips with known answers."""
+from __future__ import annotations
+
+import numpy as np
+
+from service.face.quality import BLUR_MIN, SMALL_FACE_PX, assess
+
+# eyes level, nose centred under them (pixel coordinates of a 150 px chip)
+FRONTAL = np.array([[50, 60], [100, 60], [75, 90], [55, 115], [95, 115]], np.float32)
+
+
+def _chip(value: int = 128, noise: bool = True) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    base = np.full((150, 150, 3), value, np.float64)
+    if noise:
+        base += rng.normal(0, 30, base.shape)
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def test_a_sharp_frontal_well_lit_face_raises_no_flag():
+    q = assess(_chip(), FRONTAL, face_px=120.0, faces_seen=1)
+    assert q["sharpness"] >= BLUR_MIN and abs(q["yaw_ratio"]) < 1e-6 and q["roll_deg"] == 0.0
+    assert not any(q[k] for k in ("blurry", "underexposed", "overexposed", "off_frontal", "small_face",
+                                  "multiple_faces"))
+
+
+def test_flags():
+    assert assess(_chip(noise=False), FRONTAL, 120.0, 1)["blurry"]              # flat: no edges
+    assert assess(_chip(20, noise=False), FRONTAL, 120.0, 1)["underexposed"]
+    assert assess(_chip(230, noise=False), FRONTAL, 120.0, 1)["overexposed"]
+    turned = FRONTAL.copy()
+    turned[2, 0] += 25                                                           # nose 0.5 eye distances off
+    assert assess(_chip(), turned, 120.0, 1)["off_frontal"]
+    assert assess(_chip(), FRONTAL, SMALL_FACE_PX - 1, 1)["small_face"]
+    assert assess(_chip(), FRONTAL, 120.0, 2)["multiple_faces"]
+
+
+def test_roll_is_the_eye_line_angle():
+    tilted = FRONTAL.copy()
+    tilted[1, 1] += 50                                                           # right eye 50 px lower
+    assert assess(_chip(), tilted, 120.0, 1)["roll_deg"] == 45.0
