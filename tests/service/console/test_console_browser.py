@@ -28,7 +28,7 @@ from service.settings import Settings
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 SHOTS = ROOT / "reports" / "screenshots"
 
 pytestmark = [

@@ -13,7 +13,7 @@ from service.face.align import (DLIB_CHIP_TEMPLATE, DLIB_CHIP_TEMPLATE_DERIVED, 
                            DLIB_MEAN_FACE_X, DLIB_MEAN_FACE_Y, align, dlib_chip_template,
                            estimate_similarity, five_points_from_68)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def similarity(angle_deg: float, scale: float, tx: float, ty: float) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from service.records.engine import make_engine, migrate, schema_is_current
 from service.records.tables import Base
 from service.settings import Settings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(Path(__file__).resolve().parents[3])
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

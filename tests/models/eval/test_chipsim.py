@@ -10,7 +10,7 @@ from PIL import Image
 
 from models.eval import chipsim
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _synthetic_face(h: int = 250, w: int = 250) -> np.ndarray:

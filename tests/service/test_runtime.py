@@ -7,7 +7,7 @@ import onnxruntime as ort
 
 from service import runtime
 
-DETECTOR = Path(__file__).resolve().parents[1] / "models" / "repository" / "mtcnn" / "1" / "pnet.onnx"
+DETECTOR = Path(__file__).resolve().parents[2] / "models" / "repository" / "mtcnn" / "1" / "pnet.onnx"
 
 
 def test_cpu_when_asked_or_when_cuda_is_absent(monkeypatch, caplog):

@@ -23,7 +23,7 @@ import pytest
 
 ort = pytest.importorskip("onnxruntime")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 FACENET = ROOT / "models" / "repository" / "towers" / "facenet"
 ATOL = 1e-4
 N_FACES = 8

@@ -21,7 +21,7 @@ dlib = pytest.importorskip("dlib")
 frm = pytest.importorskip("face_recognition_models")
 ort = pytest.importorskip("onnxruntime")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 TOWERS = ROOT / "models" / "repository" / "towers"
 BASELINE = TOWERS / "baseline"
 DLIB_MODELS = Path(frm.__file__).resolve().parent / "models"

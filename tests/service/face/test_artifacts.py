@@ -11,7 +11,7 @@ from service.face.artifacts import ArtifactError
 from service.face.loader import load_models, load_pipeline
 from service.settings import Settings
 
-REPO = Path(__file__).resolve().parent.parent / "models" / "repository"
+REPO = Path(__file__).resolve().parents[3] / "models" / "repository"
 
 
 @pytest.fixture
