@@ -1,0 +1,148 @@
+"""Unit probe and export for end-to-end runs (`models.train.e2e`).
+
+probe : embeddings of data never trained on (fold-8 LFW crops: chips through `id`, live and
+        occluded live through `live`; UTKFace test crops likewise) -> per-unit selectivity for
+        every attribute, the units tied to each head (80 % of its group norm, at most 16), the
+        scoring-mask trial on fold 8, unit_map.json + unit_map.png.
+export: id.onnx / live.onnx (baseline I/O contract, parity checked), unit map, calibration on
+        fold 8 through `idverify eval`'s code, metrics on folds 9-10 (rgb and ycc chips) and the
+        LFW 10-fold protocol, manifest; CURRENT switches only by the issue's gate.
+
+    python -m models.train.e2e_export --run .cache/train/runs/e2e-main --version dual-v3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.train import crops as C
+from models.train import data as D
+from models.train.heads import ATTRIBUTES, DEMOGRAPHIC
+from models.train.probe import MASK_CANDIDATES, MASK_MIN_GAIN, _selectivity, head_groups, heatmap, ties_from
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_e2e(run: Path):
+    from models.train.e2e import E2ETowers, pretrained
+    cfg = json.loads((Path(run) / "log.json").read_text())["config"]
+    model = E2ETowers(pretrained(), heads=cfg["heads"], freeze_upto=cfg.get("freeze_upto"))
+    state = torch.load(Path(run) / "best.pt", weights_only=False)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, state
+
+
+def probe(model, run: Path, crops_root: Path, data_dir: Path) -> dict:
+    from models.train.cache import occlude, photometrics, tower_template
+    from models.train.e2e import embed
+    from models.train.fasteval import identity_verification
+    reserved = D.reserved_identities(data_dir)
+    template, _ = tower_template()
+    rng = np.random.default_rng(0)
+    Z, A = [], {a: [] for a in ATTRIBUTES}
+    val_emb = None
+    for split in ("val", "utk_test"):
+        if not (Path(crops_root) / split / "meta.npz").exists():
+            log(f"[probe] no {split} crops; skipped")
+            continue
+        d = C.load(crops_root, split, reserved)
+        lok, cok = d["live_ok"], d["chip_ok"][:, 0]
+        live = np.asarray(d["live"])
+        occ = np.stack([occlude(x, rng, template) for x in live])
+        chips = np.asarray(d["chips"][:, 0])
+        for name, imgs, ok, tower, pose in (("chip", chips, cok, model.id, d["chip_pose"][:, 0]),
+                                            ("live", live, lok, model.live, d["live_pose"]),
+                                            ("occ", occ, lok, model.live, d["live_pose"])):
+            e = embed(tower, imgs[ok])
+            Z.append(e)
+            if split == "val" and name in ("chip", "live"):
+                val_emb = (val_emb or {}) | {name: embed(tower, imgs)}
+            ph = np.array([photometrics(x) for x in imgs[ok]])
+            A["yaw"].append(pose[ok, 0]), A["pitch"].append(pose[ok, 1])
+            A["illumination"].append(ph[:, 0]), A["blur"].append(ph[:, 1])
+            A["domain"].append(np.full(int(ok.sum()), 1.0 if name == "chip" else 0.0))
+            A["occlusion"].append(np.full(int(ok.sum()), 1.0 if name == "occ" else 0.0))
+            for a in DEMOGRAPHIC:
+                A[a].append(d[a][ok])
+        if split == "val":
+            val = d
+    Zs = np.concatenate(Z)
+    As = {a: np.concatenate(v).astype(np.float64) for a, v in A.items()}
+    attrs = list(ATTRIBUTES)
+    sel = np.stack([_selectivity(Zs, As[a], ATTRIBUTES[a]["kind"]) for a in attrs], axis=1)
+    groups = head_groups(model)
+    ties = ties_from(sel, attrs, groups)
+    # scoring-time masks, judged on fold 8 only
+    ei, el = val_emb["chip"], val_emb["live"]
+    okc, okl, ident = val["chip_ok"][:, 0], val["live_ok"], val["identity"]
+    base = identity_verification(ei, okc, el, okl, ident)
+    trials = [{"mask_attributes": [], "units": [], "val": base}]
+    for combo in MASK_CANDIDATES:
+        units = sorted({u for a in combo for u in ties.get(a, [])})
+        m = np.ones(128, np.float32)
+        m[units] = 0.0
+        trials.append({"mask_attributes": list(combo), "units": units,
+                       "val": identity_verification(ei * m, okc, el * m, okl, ident)})
+    best = max(trials[1:], key=lambda t: t["val"]["ivs"]["0.001"])
+    use = best["val"]["ivs"]["0.001"] - base["ivs"]["0.001"] >= MASK_MIN_GAIN
+    mask = np.ones(128, np.float32)
+    if use:
+        mask[best["units"]] = 0.0
+    out = {
+        "attributes": attrs, "demographic": list(DEMOGRAPHIC), "n_rows": int(len(Zs)),
+        "selectivity": np.round(sel, 4).tolist(),
+        "head_group_norm": {a: np.round(g, 4).tolist() for a, g in groups.items()} if groups else None,
+        "ties": ties,
+        "top_units": {a: [int(u) for u in np.argsort(-sel[:, k])[:8]] for k, a in enumerate(attrs)},
+        "max_selectivity": {a: float(sel[:, k].max()) for k, a in enumerate(attrs)},
+        "scoring": {"use_mask": bool(use), "rule": f"mask kept only if validation (fold 8) LFW-IvS TAR@1e-3 gains "
+                    f">= {MASK_MIN_GAIN * 100:.1f} point", "chosen": best["mask_attributes"] if use else [],
+                    "mask": mask.tolist(), "trials": trials},
+        "note": "demographic heads are probes/training aids only; never part of /verify answers or audit",
+    }
+    (Path(run) / "unit_map.json").write_text(json.dumps(out, indent=1) + "\n")
+    heatmap(sel, attrs, Path(run) / "unit_map.png", f"unit selectivity - {Path(run).name}")
+    return out
+
+
+def main(argv=None) -> int:
+    from service.settings import get_settings
+    ap = argparse.ArgumentParser(description="probe + export an end-to-end run as a towers version")
+    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--crops", type=Path, default=Path(".cache/train/crops"))
+    ap.add_argument("--version", default=None, help="export as models/repository/towers/<version>")
+    ap.add_argument("--probe-only", action="store_true")
+    a = ap.parse_args(argv)
+    data_dir = Path(get_settings().data_dir)
+    torch.set_num_threads(2)
+    model, cfg, state = load_e2e(a.run)
+    pr = probe(model, a.run, a.crops, data_dir)
+    log(f"[probe] ties {pr['ties']}; scoring mask {pr['scoring']['use_mask']}")
+    if a.probe_only or not a.version:
+        return 0
+    from models.train.export import REPO, write_onnx
+    out = REPO / a.version
+    out.mkdir(parents=True, exist_ok=True)
+    for side in ("id", "live"):
+        net = getattr(model, side).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        diff = write_onnx(net, out / f"{side}.onnx")
+        log(f"[export] {out / side}.onnx onnxruntime vs torch {diff:.1e}")
+    for name in ("unit_map.json", "unit_map.png"):
+        (out / name).write_bytes((Path(a.run) / name).read_bytes())
+    cfg = {**cfg, "best_epoch": state["epoch"]}
+    (out / "training.json").write_text(json.dumps(cfg, indent=1) + "\n")
+    log(f"[export] {out}: towers written; calibrate and measure with idverify eval")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
