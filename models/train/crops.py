@@ -57,7 +57,7 @@ def _variants(split: str):
 
 def build_shard(items: list[Item], data_dir: Path, variants, frontend) -> dict:
     from models.train.cache import decode_bytes, pose, read_rgb
-    from service.chipsim import chip_rng, simulate_chip
+    from models.eval.chipsim import chip_rng, simulate_chip
     n, k = len(items), len(variants)
     out = {
         "live": np.zeros((n, SIZE, SIZE, 3), np.uint8), "live_ok": np.zeros(n, bool),
@@ -68,7 +68,7 @@ def build_shard(items: list[Item], data_dir: Path, variants, frontend) -> dict:
         path = Path(data_dir) / it.key
         try:
             img = read_rgb(path)
-            live_img = decode_bytes(path.read_bytes(), "live_photo")
+            live_img = decode_bytes(path.read_bytes(), frontend.settings, "live_photo")
         except Exception:  # noqa: BLE001 - unreadable: FTA
             continue
         face, _ = frontend.face(live_img)
@@ -81,7 +81,7 @@ def build_shard(items: list[Item], data_dir: Path, variants, frontend) -> dict:
         for j, (seed, enc) in enumerate(variants):
             try:
                 data = simulate_chip(img, lm, chip_rng(it.key, seed), encoding=enc)
-                cimg = decode_bytes(data)
+                cimg = decode_bytes(data, frontend.settings)
             except Exception as exc:  # noqa: BLE001 - a failed chip is an FTA
                 print(f"chip failed for {it.key}: {exc}", file=sys.stderr)
                 continue
@@ -95,9 +95,9 @@ def build_shard(items: list[Item], data_dir: Path, variants, frontend) -> dict:
 
 
 def _worker(args) -> None:
-    wid, nworkers, split, data_dir, root, items = args
+    wid, nworkers, split, data_dir, root, items, settings = args
     from models.train.cache import Frontend
-    frontend = Frontend(threads=1)
+    frontend = Frontend(settings, threads=1)
     variants = _variants(split)
     n_sh = (len(items) + SHARD - 1) // SHARD
     t0 = time.time()
@@ -116,13 +116,16 @@ def _worker(args) -> None:
               f"chip ok {d['chip_ok'].mean():.3f}", file=sys.stderr, flush=True)
 
 
-def build(split: str, data_dir: Path, root: Path, workers: int = 1) -> Path:
+def build(split: str, settings, root: Path, workers: int = 1) -> Path:
+    """Build (or resume) one split under root/split; `settings` gives the data and models dirs
+    and the decode/detect limits the service uses."""
+    data_dir = Path(settings.data_dir)
     out = Path(root) / split
     if (out / "meta.npz").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
     items = split_items(data_dir, split)
-    jobs = [(w, workers, split, Path(data_dir), out, items) for w in range(workers)]
+    jobs = [(w, workers, split, data_dir, out, items, settings) for w in range(workers)]
     if workers == 1:
         _worker(jobs[0])
     else:
@@ -173,9 +176,9 @@ def main(argv=None) -> None:
     ap.add_argument("--root", type=Path, default=Path(".cache/train/crops"))
     ap.add_argument("--workers", type=int, default=1)
     a = ap.parse_args(argv)
-    data_dir = Path(get_settings().data_dir)
-    reserved_identities(data_dir)  # fail early without pairs.txt
-    print(build(a.split, data_dir, a.root, a.workers))
+    settings = get_settings()
+    reserved_identities(Path(settings.data_dir))  # fail early without pairs.txt
+    print(build(a.split, settings, a.root, a.workers))
 
 
 if __name__ == "__main__":

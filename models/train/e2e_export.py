@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.eval.metrics import far_key
 from models.train import crops as C
 from models.train import data as D
 from models.train.heads import ATTRIBUTES, DEMOGRAPHIC
@@ -39,12 +40,12 @@ def load_e2e(run: Path):
     return model.eval(), cfg, state
 
 
-def probe(model, run: Path, crops_root: Path, data_dir: Path) -> dict:
+def probe(model, run: Path, crops_root: Path, settings) -> dict:
     from models.train.cache import occlude, photometrics, tower_template
-    from models.train.e2e import embed
+    from models.train.e2e_data import embed
     from models.train.fasteval import identity_verification
-    reserved = D.reserved_identities(data_dir)
-    template, _ = tower_template()
+    reserved = D.reserved_identities(Path(settings.data_dir))
+    template, _ = tower_template(settings.models_dir)
     rng = np.random.default_rng(0)
     Z, A = [], {a: [] for a in ATTRIBUTES}
     val_emb = None
@@ -90,8 +91,8 @@ def probe(model, run: Path, crops_root: Path, data_dir: Path) -> dict:
         m[units] = 0.0
         trials.append({"mask_attributes": list(combo), "units": units,
                        "val": identity_verification(ei * m, okc, el * m, okl, ident)})
-    best = max(trials[1:], key=lambda t: t["val"]["ivs"]["0.001"])
-    use = best["val"]["ivs"]["0.001"] - base["ivs"]["0.001"] >= MASK_MIN_GAIN
+    best = max(trials[1:], key=lambda t: t["val"]["ivs"][far_key(1e-3)])
+    use = best["val"]["ivs"][far_key(1e-3)] - base["ivs"][far_key(1e-3)] >= MASK_MIN_GAIN
     mask = np.ones(128, np.float32)
     if use:
         mask[best["units"]] = 0.0
@@ -120,10 +121,10 @@ def main(argv=None) -> int:
     ap.add_argument("--version", default=None, help="export as models/repository/towers/<version>")
     ap.add_argument("--probe-only", action="store_true")
     a = ap.parse_args(argv)
-    data_dir = Path(get_settings().data_dir)
+    settings = get_settings()
     torch.set_num_threads(2)
     model, cfg, state = load_e2e(a.run)
-    pr = probe(model, a.run, a.crops, data_dir)
+    pr = probe(model, a.run, a.crops, settings)
     log(f"[probe] ties {pr['ties']}; scoring mask {pr['scoring']['use_mask']}")
     if a.probe_only or not a.version:
         return 0

@@ -5,10 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.eval.pairs import lfw_key
 from models.train import data as D
 from service.settings import get_settings
 
-DATA = Path(get_settings().data_dir)
+SETTINGS = get_settings()
+DATA = Path(SETTINGS.data_dir)
 needs_data = pytest.mark.skipif(not (DATA / "lfw" / "pairs.txt").exists(), reason="LFW not available")
 
 
@@ -17,7 +19,7 @@ def tiny_crops(tmp_path_factory):
     """A crop store of 8 fold 1-8 images, used as train, val and utk_test."""
     from models.train import crops as C
     root = tmp_path_factory.mktemp("crops")
-    out = C.build("tiny", DATA, root)
+    out = C.build("tiny", SETTINGS, root)
     for split in ("train", "val", "utk_test"):
         (root / split).symlink_to(out, target_is_directory=True)
     return root
@@ -47,7 +49,7 @@ def test_split_items_refuse_reserved_identities():
         items = C.split_items(DATA, split)
         assert items and not ({it.identity for it in items} & reserved)
     with pytest.raises(D.ReservedIdentityError):
-        D.assert_no_reserved([D.lfw_key(sorted(reserved)[0], 1)], reserved)
+        D.assert_no_reserved([lfw_key((sorted(reserved)[0], 1))], reserved)
 
 
 @needs_data
