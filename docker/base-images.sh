@@ -23,7 +23,8 @@ POSTGRES_IMAGE="idverify-base/postgres:15-$SUITE"
 recipe_of() { cat "$@" | sha256sum | cut -c1-16; }
 image_id() { "$DOCKER" image inspect -f '{{.Id}}' "$1" 2>/dev/null || true; }
 drop_superseded() {  # drop_superseded OLD_ID IMAGE: remove the image IMAGE's tag moved away from
-    if [ -n "$1" ] && [ "$1" != "$(image_id "$2")" ]; then
+    # (removing a child image already takes its untagged parents with it)
+    if [ -n "$1" ] && [ "$1" != "$(image_id "$2")" ] && [ -n "$(image_id "$1")" ]; then
         "$DOCKER" image rm "$1" >/dev/null 2>&1 || log "note: could not remove the superseded $2 ($1)"
     fi
 }
@@ -81,7 +82,7 @@ CFG
     tar --numeric-owner -C "$rootfs" -c . \
         | "$DOCKER" import --change 'CMD ["/bin/bash"]' --change "LABEL idverify.recipe=$recipe" \
             - "$DEBIAN_IMAGE" >/dev/null
-    drop_superseded "$old" "$DEBIAN_IMAGE"
+    OLD_DEBIAN="$old"  # removed once the images built on it are rebuilt
     log "built $DEBIAN_IMAGE"
 }
 
@@ -108,10 +109,12 @@ build_from_dockerfile() {  # IMAGE DOCKERFILE [EXTRA CONTEXT FILES...]
     log "built $image"
 }
 
+OLD_DEBIAN=""
 main() {
     local want="${1:-all}"
     build_debian
     case "$want" in all|python) build_from_dockerfile "$PYTHON_IMAGE" "$HERE/base/python.Dockerfile" ;; esac
     case "$want" in all|postgres) build_from_dockerfile "$POSTGRES_IMAGE" "$HERE/base/postgres.Dockerfile" "$HERE/base/postgres-entrypoint.sh" ;; esac
+    drop_superseded "$OLD_DEBIAN" "$DEBIAN_IMAGE"
 }
 main "$@"
