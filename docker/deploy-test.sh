@@ -133,7 +133,7 @@ done_step "env file, compose config (cpu and gpu profile)"
 # --- 3. build -----------------------------------------------------------------------------------
 step "build the CPU image $IMAGE"
 "${DC[@]}" build api >"$WORK/build.log" 2>&1 || { tail -n 40 "$WORK/build.log" >&2; die "the build failed"; }
-# the Dockerfile's steps (legacy builder) or BuildKit's, and what it left out of pyproject
+# the Dockerfile's steps (legacy builder) or BuildKit's
 sed 's/\x1b\[[0-9;]*m//g' "$WORK/build.log" | grep -E '^Step [0-9]+/|^#[0-9]+ \[|requirements-from-pyproject' \
     | cut -c1-110 | sed 's/^/  /' >&2 || true
 have "$IMAGE" || die "the build did not produce $IMAGE"

@@ -2,10 +2,10 @@
 the images' dependency layer: installed before the code is copied, so a code change does not
 reinstall them. pyproject.toml stays the only dependency list.
 
-    python requirements-from-pyproject.py pyproject.toml [--drop NAME ...] [--replace NAME=REQ ...]
+    python requirements-from-pyproject.py pyproject.toml [--replace NAME=REQ ...]
 
---drop leaves a requirement out (names that pyproject does not list are ignored);
---replace swaps one for another (onnxruntime=onnxruntime-gpu>=1.18 in the GPU image).
+--replace swaps one requirement for another (onnxruntime=onnxruntime-gpu>=1.18 in the GPU image);
+a NAME that pyproject does not list is an error, so a renamed dependency cannot slip through.
 """
 from __future__ import annotations
 
@@ -29,19 +29,16 @@ def requirement_name(req: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pyproject")
-    parser.add_argument("--drop", nargs="*", default=[])
     parser.add_argument("--replace", nargs="*", default=[], metavar="NAME=REQ")
     args = parser.parse_args(argv)
     with open(args.pyproject, "rb") as fh:
         deps = tomllib.load(fh)["project"].get("dependencies", [])
-    drop = {canonical(n) for n in args.drop}
     replace = {canonical(k): v for k, v in (item.split("=", 1) for item in args.replace)}
+    missing = set(replace) - {requirement_name(req) for req in deps}
+    if missing:
+        raise SystemExit(f"--replace names what pyproject does not list: {sorted(missing)}")
     for req in deps:
-        name = requirement_name(req)
-        if name in drop:
-            print(f"requirements-from-pyproject: leaving out {req}", file=sys.stderr)
-            continue
-        print(replace.get(name, req))
+        print(replace.get(requirement_name(req), req))
     return 0
 
 
