@@ -31,3 +31,9 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) var reports
+
+# Compose deployment end to end in Docker (images built here; base images from Debian packages
+# when no registry answers, cached as idverify-base/*): see docker/deploy-test.sh
+.PHONY: deploy-test
+deploy-test:
+	docker/deploy-test.sh
