@@ -197,15 +197,11 @@ def family_scores(families: dict, pairs, rel_a, side_a, rel_b, side_b) -> dict:
     from service.evaluate import _cross_scores, _identity, _matrix, image_relpath
     from service.score import similarity
 
-    ident: dict[str, int] = {}
-    files: dict[str, int] = {}
-
-    def ids(rels):
-        return ([ident.setdefault(_identity(r), len(ident)) for r in rels],
-                [files.setdefault(r, len(files)) for r in rels])
-
-    ida, fa = ids(rel_a)
-    idb, fb = ids(rel_b)
+    both = list(rel_a) + list(rel_b)
+    ident = np.unique([_identity(r) for r in both], return_inverse=True)[1]
+    files = np.unique(both, return_inverse=True)[1]
+    n = len(rel_a)
+    ida, idb, fa, fb = ident[:n], ident[n:], files[:n], files[n:]
     out = {}
     for f, table in families.items():
         holder = SimpleNamespace(emb=table)
