@@ -316,7 +316,10 @@ def ivs_results(families: dict, all_pairs, encoding: str) -> dict:
             rows[name] = {"tar": tar_row(pair_scores[test_lab], fu({f: v["imp"] for f, v in test.items()})),
                           "accuracy": round(acc, 5)}
             fusions[name] = fu.params()
+    rel_a, rel_b = fold_images(test_pairs)
     counts = {"genuine": int(test_lab.sum()), "impostors": int(test["dlib"]["imp"].size),
+              "fta_id": sum((r, "id") not in families["dlib"] for r in rel_a), "images_id": len(rel_a),
+              "fta_live": sum((r, "live") not in families["dlib"] for r in rel_b), "images_live": len(rel_b),
               "fit_genuine": int(fit_lab.sum()), "fit_extended_genuine": int(fit["dlib"]["gen_x"].size),
               "fit_impostors": int(fit["dlib"]["imp"].size)}
     return {"encoding": encoding, "rows": rows, "fusion_params": fusions, "counts": counts}
@@ -364,7 +367,8 @@ def write_doc(results: dict, doc: Path = DOC) -> None:
     for enc, r in results["ivs"].items():
         c = r["counts"]
         lines += [f"#### LFW-IvS folds 9-10, {enc} chips (full pipeline, extended impostors, FTA = reject)", "",
-                  f"Genuine {c['genuine']}, impostors {c['impostors']:,}; fusion fit on fold 8 "
+                  f"Genuine {c['genuine']}, impostors {c['impostors']:,}; FTA id {c['fta_id']}/{c['images_id']}, "
+                  f"live {c['fta_live']}/{c['images_live']}; fusion fit on fold 8 "
                   f"({c['fit_genuine']} genuine pairs + {c['fit_extended_genuine']} other same-identity pairs, "
                   f"{c['fit_impostors']:,} impostors).", "",
                   "| scores | TAR@1e-2 | TAR@1e-3 | TAR@1e-4 | accuracy (2-fold 9/10) |",
