@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     # the IvS live images first, then the rest of the LFW images
     run_items(live, sorted(set(rel_b)) + sorted(set(live_rels) - set(rel_b)), "live", None, key, args.checkpoint)
 
-    results = {"command": "python -m studies.sface_fusion " + " ".join(argv if argv is not None else sys.argv[1:]),
+    results = {"command": " ".join(["python -m studies.sface_fusion", *(argv if argv is not None else sys.argv[1:])]),
                "git": _git_commit()["commit"] or "?",
                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "ivs": {}, "lfw": None}
