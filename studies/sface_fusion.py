@@ -58,9 +58,9 @@ DOC = ROOT / "docs" / "sface.md"
 
 def load_models(threads: int = 1):
     """(pipeline with towers/dual-v2 on `threads` onnxruntime threads, SFace Tower, SFace manifest)."""
-    from service.artifacts import load_manifest, verify_file
-    from service.embed import Tower
-    from service.evaluate import load_pipeline
+    from service.face.artifacts import load_manifest, verify_file
+    from service.face.embed import Tower
+    from service.face.loader import load_pipeline
     from service.settings import get_settings
 
     settings = get_settings().model_copy(update={"onnx_threads": threads, "tower_version": DLIB_VERSION,
@@ -73,10 +73,10 @@ def load_models(threads: int = 1):
 
 def make_embedder(pipeline, sface, sface_manifest, data_dir: Path, encoding: str, batch_size: int):
     """service.evaluate.Embedder that aligns each detected face for both families."""
-    from service.align import align
-    from service.decode import decode_image
-    from service.evaluate import Embedder
-    from service.score import normalize
+    from service.face.align import align
+    from service.face.decode import decode_image
+    from models.eval.embedder import Embedder
+    from service.face.score import normalize
 
     template = np.asarray(sface_manifest["template"]["points"], np.float32)
     size = int(sface_manifest["template"]["size"])
@@ -102,7 +102,7 @@ def make_embedder(pipeline, sface, sface_manifest, data_dir: Path, encoding: str
         def _flush(self, side: str, keys: list, chips: list) -> None:
             if not chips:
                 return
-            from service.evaluate import FIELD
+            from models.eval.embedder import FIELD
 
             t0 = time.perf_counter()
             dl = self.pipeline.tower(FIELD[side]).embed(np.stack([c[0] for c in chips]))
@@ -124,7 +124,7 @@ def make_embedder(pipeline, sface, sface_manifest, data_dir: Path, encoding: str
 
 
 def cache_key(pipeline, sface_manifest, encoding: str | None) -> str:
-    from service import chipsim
+    from models.eval import chipsim
 
     h = hashlib.sha256()
     h.update(json.dumps(pipeline.towers.manifest["towers"], sort_keys=True).encode())
@@ -186,7 +186,7 @@ def run_items(emb, rels: list[str], side: str, encoding: str | None, key: str, c
 
 
 def fold_images(pairs) -> tuple[list[str], list[str]]:
-    from service.evaluate import image_relpath
+    from models.eval.pairs import image_relpath
 
     return sorted({image_relpath(p.a) for p in pairs}), sorted({image_relpath(p.b) for p in pairs})
 
@@ -194,8 +194,10 @@ def fold_images(pairs) -> tuple[list[str], list[str]]:
 def family_scores(families: dict, pairs, rel_a, side_a, rel_b, side_b) -> dict:
     """Per family: pairs.txt scores (-inf on FTA) and, for the chip/live case, the extended
     impostor and extended genuine scores (same order across families)."""
-    from service.evaluate import _cross_scores, _identity, _matrix, image_relpath
-    from service.score import similarity
+    from models.eval.metrics import cross_scores as _cross_scores
+    from models.eval.pairs import image_relpath
+    from models.eval.protocols import _identity, _matrix
+    from service.face.score import similarity
 
     both = list(rel_a) + list(rel_b)
     ident = np.unique([_identity(r) for r in both], return_inverse=True)[1]
@@ -277,7 +279,7 @@ def logistic_fit(xg: np.ndarray, xi: np.ndarray, l2: float = 1e-4) -> tuple[np.n
 
 
 def tar_row(gen: np.ndarray, imp) -> dict:
-    from service.evaluate import ScoreSet, tar_at_far
+    from models.eval.metrics import ScoreSet, tar_at_far
 
     rows = tar_at_far(gen, imp if isinstance(imp, ScoreSet) else ScoreSet(imp), FARS)
     return {f"{r['far_target']:g}": round(r["tar"], 4) for r in rows}
@@ -287,7 +289,8 @@ def tar_row(gen: np.ndarray, imp) -> dict:
 
 
 def ivs_results(families: dict, all_pairs, encoding: str) -> dict:
-    from service.evaluate import kfold_accuracy, select_pairs
+    from models.eval.metrics import kfold_accuracy
+    from models.eval.pairs import select_pairs
 
     fit_pairs = select_pairs(all_pairs, [FIT_FOLD])
     test_pairs = select_pairs(all_pairs, list(TEST_FOLDS))
@@ -332,7 +335,8 @@ def interleave(rel_ab):
 
 def lfw_results(families: dict, pairs) -> dict:
     """10-fold (leave-one-fold-out) accuracy, live/live; fusion refit without the test fold."""
-    from service.evaluate import image_relpath, kfold_accuracy
+    from models.eval.metrics import kfold_accuracy
+    from models.eval.pairs import image_relpath
 
     rels = sorted({image_relpath(p.a) for p in pairs} | {image_relpath(p.b) for p in pairs})
     s = family_scores(families, pairs, rels, "live", rels, "live")
@@ -398,7 +402,9 @@ def write_doc(results: dict, doc: Path = DOC) -> None:
 def main(argv: list[str] | None = None) -> int:
     import cv2
 
-    from service.evaluate import _git_commit, _machine, parse_folds, read_pairs, select_pairs
+    from models.eval.docs import _machine
+    from models.eval.pairs import parse_folds, read_pairs, select_pairs
+    from models.eval.report import git_commit as _git_commit
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=None)

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from models.build.export_towers import INPUT_NAME, OUTPUT_NAME, package_version
-from service.artifacts import sha256_file
+from service.face.artifacts import sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
 REPO = ROOT / "models" / "repository"
@@ -118,6 +118,7 @@ def clean_graph(proto):
     g.initializer.extend(live)
     for vi in (g.input[0], g.output[0]):
         vi.type.tensor_type.shape.dim[0].dim_param = "batch"
+    del g.value_info[:]  # the file's inferred shapes fix batch 1; onnxruntime re-infers them
     # the file says IR 6 with opset 21 (block-quantised DequantizeLinear needs IR >= 10)
     proto.ir_version = max(proto.ir_version, 10)
     onnx.checker.check_model(proto)
@@ -238,7 +239,7 @@ def lfw_faces(data_dir: Path, n: int = 8) -> list[tuple[str, np.ndarray, np.ndar
     (sorted names) in which our MTCNN finds a face, `n` of them."""
     from PIL import Image
 
-    from service.detect import FaceDetector, select_face
+    from service.face.detect import FaceDetector, select_face
 
     det = FaceDetector.from_dir(REPO / "mtcnn" / "1", threads=1, max_side=1280, min_side=160)
     people = sorted(p for p in (data_dir / "lfw" / "images").iterdir() if p.is_dir())
@@ -268,7 +269,7 @@ def parity(tower_bytes: bytes, reference_path: Path, faces) -> dict:
     (reference graph, the same chips as BGR) and our crops vs alignCrop's."""
     import cv2
 
-    from service.align import align
+    from service.face.align import align
 
     rec = cv2.FaceRecognizerSF.create(str(reference_path), "")
     sess = session(tower_bytes)
@@ -293,7 +294,7 @@ def parity(tower_bytes: bytes, reference_path: Path, faces) -> dict:
 
 
 def build_manifest(onnx_sha: str, onnx_bytes: int, wheel: Path, weights: str, speed: dict, check: dict) -> dict:
-    from service.align import POINT_NAMES
+    from service.face.align import POINT_NAMES
 
     pkg = package_version
     entry = {"file": "sface.onnx", "sha256": onnx_sha, "bytes": onnx_bytes}

@@ -28,10 +28,10 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from models.build import export_sface as ex  # noqa: E402
-from service.align import align  # noqa: E402
-from service.artifacts import sha256_file  # noqa: E402
+from service.face.align import align  # noqa: E402
+from service.face.artifacts import sha256_file  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 SFACE = ROOT / "models" / "repository" / "sface" / "1"
 
 
