@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--crops", type=Path, default=Path(".cache/train/crops"))
     ap.add_argument("--version", default=None, help="export as models/repository/towers/<version>")
     ap.add_argument("--probe-only", action="store_true")
+    ap.add_argument("--no-measure", action="store_true", help="export only: no calibration, no metrics")
     a = ap.parse_args(argv)
     settings = get_settings()
     torch.set_num_threads(2)
@@ -128,22 +129,76 @@ def main(argv=None) -> int:
     log(f"[probe] ties {pr['ties']}; scoring mask {pr['scoring']['use_mask']}")
     if a.probe_only or not a.version:
         return 0
-    from models.train.export import REPO, write_onnx
-    out = REPO / a.version
+    from models.train.export import REPO
+    export(model, cfg, state, a.run, REPO / a.version, a.version)
+    if a.no_measure:
+        return 0
+    measure(REPO / a.version, settings, a.version)
+    switched = maybe_switch(REPO, a.version)
+    log(f"[export] CURRENT {'switched to ' + a.version if switched else 'unchanged'}")
+    return 0
+
+
+E2E_KEYS = ("epochs", "steps_per_epoch", "batch", "cross_frac", "lr", "head_lr", "warmup", "lam", "mu", "distill",
+            "alpha", "gamma", "hard_k", "heads", "freeze_upto", "utk", "seed", "threads", "best_epoch", "command",
+            "train_seconds", "data_terms")
+
+
+def export(model, cfg: dict, state: dict, run: Path, out: Path, version: str) -> dict:
+    """id.onnx / live.onnx, the unit map and the manifest (no calibration yet)."""
+    from models.build.export_towers import sha256_file
+    from models.train.export import build_manifest, write_onnx
     out.mkdir(parents=True, exist_ok=True)
+    files = {}
     for side in ("id", "live"):
         net = getattr(model, side).eval()
         for p in net.parameters():
             p.requires_grad_(False)
         diff = write_onnx(net, out / f"{side}.onnx")
-        log(f"[export] {out / side}.onnx onnxruntime vs torch {diff:.1e}")
+        log(f"[export] {out / side}.onnx: onnxruntime vs torch {diff:.1e}")
+        files[side] = f"{side}.onnx"
     for name in ("unit_map.json", "unit_map.png"):
-        (out / name).write_bytes((Path(a.run) / name).read_bytes())
-    cfg = {**cfg, "best_epoch": state["epoch"]}
-    (out / "training.json").write_text(json.dumps(cfg, indent=1) + "\n")
-    log(f"[export] {out}: towers written; calibrate and measure with idverify eval")
-    return 0
+        (out / name).write_bytes((Path(run) / name).read_bytes())
+    pr = json.loads((out / "unit_map.json").read_text())
+    cfg = {**cfg, "best_epoch": state["epoch"],
+           "data_terms": "LFW (folds 1-8 identities)" + (" + UTKFace (non-commercial research only)" if cfg["utk"] else "")}
+    frozen = f"stem..{cfg['freeze_upto']} frozen" if cfg.get("freeze_upto") else "every layer trained (stem included)"
+    desc = ("dual heterogeneous towers trained end to end from the dlib face ResNet on aligned chip/live crops: "
+            f"`id` for ID-chip photos, `live` for camera frames ({frozen}; coupling lam {cfg['lam']}, "
+            f"distillation {cfg['distill']}; see docs/training.md)")
+    extra = {"unit_map": {"file": "unit_map.json", "sha256": sha256_file(out / "unit_map.json"),
+                          "scoring_mask": bool(pr["scoring"]["use_mask"])},
+             "calibration": None, "test_time": {"flip_average": True},
+             "licence": "CC0-1.0 (dlib weights); trained on " + cfg["data_terms"]}
+    man = build_manifest(version, files, cfg, {}, extra, description=desc, keys=E2E_KEYS, folder=out)
+    man["training"]["reproduce"] = (cfg.get("command") or "") + f" && python -m models.train.e2e_export --run <run> --version {version}"
+    man["source"]["converter"] = "models/train/e2e.py + models/build/export_towers.export_onnx"
+    (out / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
+    return man
 
+
+def measure(folder: Path, settings, version: str) -> dict:
+    """Calibration on fold 8 (LFW-IvS extended impostors; never 9-10), then the evaluation
+    protocols recorded in the manifest, all through `idverify eval`'s code."""
+    from models.build.calibrate import main as calibrate
+    return calibrate(["--version", version, "--folds", "8", "--measure"])
+
+
+def maybe_switch(repo: Path, version: str, lfw_min: float = 0.9913) -> bool:
+    """CURRENT moves to `version` only if it beats the current CURRENT on LFW-IvS folds 9-10 at
+    FAR 1e-3 (rgb chips) and its LFW 10-fold accuracy is not below the pretrained network's."""
+    from models.eval.metrics import far_key
+    cur = (repo / "CURRENT").read_text().strip()
+    new = json.loads((repo / version / "manifest.json").read_text())["metrics"]
+    old = json.loads((repo / cur / "manifest.json").read_text())["metrics"]
+    tar_new = new["lfw_ivs_folds9-10"]["tar_at_far"][far_key(1e-3)]
+    tar_old = old["lfw_ivs_folds9-10"]["tar_at_far"][far_key(1e-3)]
+    acc = new["lfw_10fold"]["accuracy"]
+    log(f"[gate] {version} TAR@1e-3 {tar_new:.4f} vs {cur} {tar_old:.4f}; LFW 10-fold {acc:.4f} (min {lfw_min})")
+    if tar_new > tar_old and acc >= lfw_min:
+        (repo / "CURRENT").write_text(version + "\n")
+        return True
+    return False
 
 if __name__ == "__main__":
     sys.exit(main())

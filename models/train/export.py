@@ -66,19 +66,22 @@ def write_onnx(module: nn.Module, path: Path) -> float:
     return diff
 
 
-def build_manifest(version: str, files: dict[str, str], run_cfg: dict, metrics: dict, extra: dict) -> dict:
+def build_manifest(version: str, files: dict[str, str], run_cfg: dict, metrics: dict, extra: dict,
+                   description: str | None = None, keys=TRAINING_KEYS, folder: Path | None = None) -> dict:
     base = json.loads((REPO / "baseline" / "manifest.json").read_text())
     man = copy.deepcopy(base)
     man["version"] = version
     trained = "level2, level1, level0" if run_cfg.get("cut") == "level3" else "level1, level0"
-    man["description"] = ("dual heterogeneous towers fine-tuned from the dlib face ResNet: `id` for ID-chip "
-                          f"photos, `live` for camera frames (stages {trained} and the embedding layer "
-                          f"trained; variant {run_cfg.get('variant')}, lam {run_cfg.get('lam')}; see docs/training.md)")
-    man["towers"] = {side: {"file": f, "sha256": sha256_file(REPO / version / f)} for side, f in files.items()}
+    man["description"] = description or (
+        "dual heterogeneous towers fine-tuned from the dlib face ResNet: `id` for ID-chip "
+        f"photos, `live` for camera frames (stages {trained} and the embedding layer "
+        f"trained; variant {run_cfg.get('variant')}, lam {run_cfg.get('lam')}; see docs/training.md)")
+    folder = folder or REPO / version
+    man["towers"] = {side: {"file": f, "sha256": sha256_file(folder / f)} for side, f in files.items()}
     man["source"] = dict(base.get("source", {}))
     man["source"]["converter"] = "models/train (idverify train) + models/build/export_towers.export_onnx"
     man["source"]["exported_with"] = {"torch": torch.__version__, "opset": OPSET}
-    man["training"] = {k: run_cfg.get(k) for k in TRAINING_KEYS}
+    man["training"] = {k: run_cfg.get(k) for k in keys}
     import re
     cmd = run_cfg.get("command") or ""
     man["training"]["reproduce"] = " ".join(re.sub(r"--run \S+|--eval-only|--eval\b|--export \S+", "", cmd).split()) + \

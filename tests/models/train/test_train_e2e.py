@@ -101,3 +101,28 @@ def test_probe_writes_a_unit_map(tiny_crops, tmp_path):
     assert set(m["ties"]) >= {"domain", "blur", "gender", "age"}
     assert all(0 < len(u) <= 16 for u in m["ties"].values())
     assert (run / "unit_map.png").stat().st_size > 1000
+
+
+@needs_data
+def test_export_writes_towers_with_the_contract_and_a_manifest(tiny_crops, tmp_path):
+    import json
+
+    import onnxruntime as ort
+
+    from models.build.export_towers import sha256_file
+    from models.train import e2e, e2e_export
+    run = tmp_path / "exp"
+    assert e2e.main(["--run", str(run), "--crops", str(tiny_crops), "--epochs", "1", "--steps-per-epoch", "1",
+                     "--batch", "6", "--threads", "1", "--utk", "false"]) == 0
+    assert e2e_export.main(["--run", str(run), "--crops", str(tiny_crops), "--probe-only"]) == 0
+    model, cfg, state = e2e_export.load_e2e(run)
+    out = tmp_path / "repo" / "v-test"
+    man = e2e_export.export(model, cfg, state, run, out, "v-test")
+    assert json.loads((out / "manifest.json").read_text()) == man
+    assert man["towers"]["id"]["sha256"] == sha256_file(out / "id.onnx") != man["towers"]["live"]["sha256"]
+    assert man["training"]["utk"] is False and "UTKFace" not in man["training"]["data_terms"]
+    assert man["test_time"]["flip_average"] is True and man["calibration"] is None
+    sess = ort.InferenceSession(str(out / "id.onnx"), providers=["CPUExecutionProvider"])
+    x = np.zeros((2, 150, 150, 3), np.float32)
+    (emb,) = sess.run(["embedding"], {"image": x})
+    assert emb.shape == (2, 128)
