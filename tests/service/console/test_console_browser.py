@@ -15,28 +15,20 @@ import csv
 import io
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
-from console_support import lfw_pairs, served_models
+from console_support import NEEDS_CHROMIUM, headless_chromium, lfw_pairs, served_models, wait_for as _wait
 from service.records import keys, retention
 from service.app import create_app
 from service.records.engine import make_engine, migrate
 from service.settings import Settings
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ROOT = Path(__file__).resolve().parents[3]
 SHOTS = ROOT / "reports" / "screenshots"
 
-pytestmark = [
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed "
-                       "(apt-get install -y chromium chromium-driver); .ci/run installs it"),
-    pytest.mark.skipif(not CHROMEDRIVER.exists(), reason="/usr/bin/chromedriver is missing "
-                       "(apt-get install -y chromium-driver)"),
-]
+pytestmark = NEEDS_CHROMIUM
 
 
 def _photo_pairs(request) -> list[tuple[str, bytes, bytes]]:
@@ -84,39 +76,7 @@ def console_site(request, tmp_path, live_server):
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium import webdriver  # in the `test` extra: a missing selenium is an error, not a skip
-    from selenium.webdriver.chrome.service import Service  # a driver path given: Selenium Manager never runs
-
-    downloads = tmp_path / "downloads"
-    downloads.mkdir()
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,860",
-                 "--lang=en-GB"):
-        opts.add_argument(flag)
-    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                           "download.prompt_for_download": False,
-                                           "safebrowsing.enabled": False})
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
-    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
-    driver.implicitly_wait(0)
-    driver.downloads = downloads
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def _wait(condition, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    yield from headless_chromium(tmp_path)
 
 
 def _full_page_screenshot(d, path: Path) -> None:
