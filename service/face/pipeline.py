@@ -119,7 +119,8 @@ class Pipeline:
                            f"{self.settings.min_face_px} px are needed", field, status=422)
         with timed(timings, "align"):
             chip = align(image, face.landmarks, self.template, self.chip_size)
-        side.quality = quality.assess(chip, face.landmarks, side.face_px, side.faces_seen)
+        small = self.settings.chip_small_face_px if SIDES[field] == "id" else quality.SMALL_FACE_PX
+        side.quality = quality.assess(chip, face.landmarks, side.face_px, side.faces_seen, small_face_px=small)
         return side, chip
 
     def compare(self, id_side: Side, live_side: Side) -> float:
