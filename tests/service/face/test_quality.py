@@ -54,14 +54,29 @@ def _simulated_chips(lfw, n: int):
         yield simulate_chip(np.asarray(Image.open(path).convert("RGB")), None, chip_rng(key, 0), return_image=True)
 
 
-def test_a_normal_chip_photo_is_not_flagged_small(pipeline, lfw):
-    widths = []
+def test_a_normal_chip_photo_is_not_flagged_small_or_blurry(pipeline, lfw):
+    widths, blurry = [], 0
     for data, _image in _simulated_chips(lfw, 40):
         side, _chip_ = pipeline.prepare(data, "id_photo", {})
         widths.append(side.face_px)
         assert not side.quality["small_face"], side.face_px
+        blurry += side.quality["blurry"]
     assert 45 < np.median(widths) < SMALL_FACE_PX  # a chip's face is narrower than the live photo's rule
     assert pipeline.settings.chip_small_face_px < min(widths)
+    assert blurry <= 4, blurry                       # the live photo's rule (25) would flag nearly all
+
+
+def test_a_blurred_chip_is_flagged_blurry(pipeline, lfw):
+    import io
+
+    import cv2
+    from PIL import Image
+
+    data, image = next(_simulated_chips(lfw, 1))
+    assert not pipeline.prepare(data, "id_photo", {})[0].quality["blurry"]
+    buf = io.BytesIO()
+    Image.fromarray(cv2.GaussianBlur(image, (0, 0), 2.0)).save(buf, "PNG")
+    assert pipeline.prepare(buf.getvalue(), "id_photo", {})[0].quality["blurry"]
 
 
 def test_a_tiny_face_on_a_chip_is_still_flagged(pipeline, lfw):
