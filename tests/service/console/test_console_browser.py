@@ -159,3 +159,38 @@ def test_console_in_headless_chromium(console_site, browser):
     d.get(f"{base}/console")
     assert "/console/login" in d.current_url
     assert not [c for c in d.get_cookies() if c["name"] == "idv_console"]
+
+
+def test_admin_manages_keys_in_headless_chromium(tmp_path, live_server, unused_models, browser):
+    """Sign in as admin, create a kiosk key (its plaintext shown once), revoke it; the chain page
+    carries its meta refresh and the list its error-code select."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    admin = keys.create_key(engine, "admin", "Ada (admin)")[1]
+    base = live_server(create_app(Settings(database_url=url), models=unused_models))
+    d = browser
+    d.get(f"{base}/console/login")
+    d.find_element(By.ID, "key").send_keys(admin)
+    d.find_element(By.ID, "sign-in").click()
+    _wait(lambda: d.current_url.rstrip("/").endswith("/console"), what="the records list")
+    assert "no_face" in [o.get_attribute("value") for o in Select(d.find_element(By.ID, "f-error-code")).options]
+    d.find_element(By.LINK_TEXT, "Keys").click()
+    _wait(lambda: "/console/keys" in d.current_url, what="the keys page")
+    Select(d.find_element(By.ID, "new-role")).select_by_value("kiosk")
+    d.find_element(By.ID, "new-name").send_keys("lobby kiosk 12")
+    d.find_element(By.ID, "create").click()
+    plaintext = _wait(lambda: d.find_elements(By.ID, "new-key"), what="the new key")[0].text
+    made = keys.lookup(engine, plaintext)
+    assert made is not None and made.role == "kiosk" and made.name == "lobby kiosk 12"
+    d.get(f"{base}/console/keys")
+    assert plaintext not in d.page_source
+    d.find_element(By.CSS_SELECTOR, f"#key-{made.id} button.revoke").click()
+    _wait(lambda: "yes, " in d.find_element(By.ID, f"key-{made.id}").text, what="the revoked row")
+    assert keys.lookup(engine, plaintext) is None
+    d.get(f"{base}/console/chain")
+    assert d.find_elements(By.CSS_SELECTOR, 'meta[http-equiv="refresh"]')
+    engine.dispose()
