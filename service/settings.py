@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = 40_000_000
     max_request_bytes: int = 25 * 1024 * 1024
     min_face_px: int = 32
+    # the id_photo's own quality rules. On simulated LFW chips (102x126, ~1 KB) the face is 48-69 px
+    # wide and the sharpness 3.2-79 (median 7): the live photo's 64 px and 25 would flag nearly all
+    chip_small_face_px: int = 40
+    chip_blur_min: float = 4.0
     detect_max_side: int = 800      # big frames are detected on a copy downscaled to this
     detect_min_side: int = 240      # small images (chip photos) are upsampled to this before detection
 

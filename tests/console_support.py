@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from pathlib import Path
 
@@ -78,3 +79,53 @@ def sign_in(client, key: str, expect: int = 303):
     r = client.post("/console/login", data={"key": key, "csrf_token": csrf_from(page.text)}, follow_redirects=False)
     assert r.status_code == expect, (r.status_code, r.text[:500])
     return r
+
+
+# --- headless Chromium (Debian's chromium + chromium-driver; nothing is downloaded) ----------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+NEEDS_CHROMIUM = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed "
+                       "(apt-get install -y chromium chromium-driver); .ci/run installs it"),
+    pytest.mark.skipif(not CHROMEDRIVER.exists(), reason="/usr/bin/chromedriver is missing "
+                       "(apt-get install -y chromium-driver)"),
+]
+
+
+def headless_chromium(tmp_path: Path, *flags: str):
+    """Generator for a fixture: a Selenium driver of headless Chromium (downloads go to
+    `driver.downloads`), quit afterwards. `flags`: more command-line switches."""
+    from selenium import webdriver  # in the `test` extra: a missing selenium is an error, not a skip
+    from selenium.webdriver.chrome.service import Service  # a driver path given: Selenium Manager never runs
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,860",
+                 "--lang=en-GB", *flags):
+        opts.add_argument(flag)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                           "download.prompt_for_download": False,
+                                           "safebrowsing.enabled": False})
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.implicitly_wait(0)
+    driver.downloads = downloads
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(condition, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

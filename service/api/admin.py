@@ -8,10 +8,11 @@ from pydantic import BaseModel, Field
 
 from service.records import keys
 from service.api import deps
-from service.api.schemas import ERRORS, KeyAnswer, KeyCreated, KeyList
+from service.api.schemas import AUTH_ERRORS, KeyAnswer, KeyCreated, KeyList, errors
 from service.errors import ApiError
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(deps.require("keys"))], responses=ERRORS)
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(deps.require("keys"))],
+                   responses=errors(*AUTH_ERRORS))
 
 
 class KeyCreate(BaseModel):
@@ -19,7 +20,7 @@ class KeyCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
 
 
-@router.post("/keys", status_code=201, response_model=KeyCreated)
+@router.post("/keys", status_code=201, response_model=KeyCreated, responses=errors(400))
 def create_key(body: KeyCreate, request: Request) -> dict:
     """The plaintext key is in this answer only; it is stored hashed."""
     key, plaintext = keys.create_key(deps.engine(request), body.role, body.name)
@@ -31,7 +32,7 @@ def list_keys(request: Request) -> dict:
     return {"items": [keys.public(k) for k in keys.list_keys(deps.engine(request))]}
 
 
-@router.delete("/keys/{key_id}", response_model=KeyAnswer)
+@router.delete("/keys/{key_id}", response_model=KeyAnswer, responses=errors(400, 404, 409))
 def revoke_key(key_id: int, request: Request) -> dict:
     key = keys.revoke_key(deps.engine(request), key_id)
     if key is None:

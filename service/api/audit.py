@@ -8,13 +8,13 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from service.records import audit
 from service.api import deps
-from service.api.schemas import ERRORS, AuditPage, AuditRecordAnswer
+from service.api.schemas import AUTH_ERRORS, AuditPage, AuditRecordAnswer, errors
 from service.errors import INVALID_REQUEST, ApiError
 
-router = APIRouter(tags=["audit"], dependencies=[Depends(deps.require("audit"))], responses=ERRORS)
+router = APIRouter(tags=["audit"], dependencies=[Depends(deps.require("audit"))], responses=errors(*AUTH_ERRORS))
 
 
-@router.get("/audit", response_model=AuditPage)
+@router.get("/audit", response_model=AuditPage, responses=errors(400))
 def list_audit(
     request: Request,
     since: datetime | None = Query(None, description="records at or after this time (ISO 8601; UTC if no zone)"),
@@ -37,7 +37,7 @@ def list_audit(
     return {"items": [audit.to_public(r) for r in records], "next_cursor": next_cursor}
 
 
-@router.get("/audit/{record_id}", response_model=AuditRecordAnswer)
+@router.get("/audit/{record_id}", response_model=AuditRecordAnswer, responses=errors(404))
 def get_audit(record_id: str, request: Request) -> dict:
     record = audit.get(deps.engine(request), record_id)
     if record is None:

@@ -1,7 +1,8 @@
 """What the routes share: the app's state, and authentication by X-API-Key with roles."""
 from __future__ import annotations
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import APIKeyHeader
 from sqlalchemy import Engine
 
 from service.records import keys
@@ -9,6 +10,16 @@ from service.records.tables import ApiKey
 from service.errors import FORBIDDEN, UNAUTHORIZED, ApiError
 
 API_KEY_HEADER = "X-API-Key"
+# For the OpenAPI document only (auto_error off: authenticate() answers 401 in the envelope);
+# each route lists the roles that may call it as the requirement's "scopes" (OpenAPI 3.1 allows
+# role names there for non-OAuth schemes).
+API_KEY_SCHEME = APIKeyHeader(name=API_KEY_HEADER, scheme_name="ApiKey", auto_error=False,
+                              description="An API key; its role (kiosk, operator, admin) decides what it may call.")
+
+
+def documented(permission: str):
+    """The X-API-Key security requirement of a route, with the roles that have `permission`."""
+    return Security(API_KEY_SCHEME, scopes=[role for role in keys.ROLES if keys.allowed(role, permission)])
 
 
 def engine(request: Request) -> Engine:
@@ -41,7 +52,7 @@ def authorize(key: ApiKey, permission: str) -> None:
 def require(permission: str):
     """Route dependency: an authenticated key whose role has `permission`."""
 
-    def dependency(request: Request) -> ApiKey:
+    def dependency(request: Request, _header: str | None = documented(permission)) -> ApiKey:
         key = authenticate(request)
         authorize(key, permission)
         return key

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from service.api.schemas import HealthAnswer, ReadyAnswer
 from service.records.engine import ping
@@ -31,7 +31,8 @@ def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format"}})
 def metrics(request: Request) -> Response:
     data, content_type = request.app.state.metrics.render()
     return Response(data, media_type=content_type)

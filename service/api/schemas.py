@@ -131,4 +131,22 @@ class ReadyAnswer(BaseModel):
     model_version: str | None
 
 
-ERRORS = {status: {"model": ErrorAnswer} for status in (400, 401, 403, 404, 413, 415, 422, 429, 500, 503)}
+ERROR_STATUSES = {
+    400: "invalid_request, missing_field or image_undecodable",
+    401: "unauthorized: no X-API-Key, or an unknown or revoked one",
+    403: "forbidden: the key's role may not call this",
+    404: "not_found",
+    409: "conflict: e.g. revoking the last active admin key",
+    413: "image_too_large: the body or an image is over its cap",
+    415: "unsupported_media_type",
+    422: "no_face or face_too_small",
+    429: "rate_limited (Retry-After says when to retry)",
+    500: "internal_error",
+    503: "not_ready: the models are not loaded",
+}
+AUTH_ERRORS = (401, 403, 500)  # what every keyed route can answer
+
+
+def errors(*statuses: int) -> dict:
+    """`responses=` for a route: the error envelope (ErrorAnswer) under each status it can answer."""
+    return {s: {"model": ErrorAnswer, "description": ERROR_STATUSES[s]} for s in sorted(set(statuses))}

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api import deps
 from service.api.attempt import INTERNAL, VerifyAttempt
-from service.api.schemas import ERRORS, VerifyAnswer
+from service.api.schemas import AUTH_ERRORS, VerifyAnswer, errors
 from service.api.verify_input import read_verify_input
 from service.errors import RATE_LIMITED, ApiError
 from service.records import audit, retention
@@ -37,7 +37,8 @@ OPENAPI_BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
-@router.post("/verify", openapi_extra=OPENAPI_BODY, tags=["verify"], response_model=VerifyAnswer, responses=ERRORS)
+@router.post("/verify", openapi_extra=OPENAPI_BODY, tags=["verify"], response_model=VerifyAnswer,
+             responses=errors(400, 413, 415, 422, 429, 503, *AUTH_ERRORS), dependencies=[deps.documented("verify")])
 async def verify(request: Request) -> JSONResponse:
     state = request.app.state
     attempt = VerifyAttempt()

@@ -37,6 +37,22 @@ log = logging.getLogger("idverify.console")
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
 templates = Jinja2Templates(directory=str(HERE / "templates"))
+CHAIN_REFRESH_SECONDS = 30  # the chain page reloads itself (a meta refresh: no script)
+
+
+def _number(value, digits: int = 4) -> str:
+    """Scores and thresholds to `digits` decimals; '–' for none."""
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _shown(value) -> str:
+    """A quality value as a person reads it: yes/no for flags, floats as computed (rounded)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "–" if value is None else str(value)
+
+
+templates.env.filters.update(number=_number, shown=_shown)
 router = APIRouter(prefix="/console", include_in_schema=False)
 
 SECURITY_HEADERS = {
@@ -89,8 +105,9 @@ def _principal(request: Request) -> sessions.Principal | None:
 
 
 def _render(request: Request, name: str, principal: sessions.Principal | None, status: int = 200, **ctx) -> Response:
-    ctx.update(principal=principal, base=_base(request), csrf_field=csrf.FIELD,
-               csrf_token=principal.csrf_token if principal else None)
+    ctx.update(principal=principal, base=_base(request), csrf_field=csrf.FIELD, error_codes=stats.ERROR_CODES,
+               csrf_token=principal.csrf_token if principal else None,
+               is_admin=principal is not None and keys.allowed(principal.role, "keys"))
     return _harden(templates.TemplateResponse(request, name, ctx, status_code=status))
 
 
@@ -253,6 +270,7 @@ def records(request: Request) -> Response:
         overview_url=f"{_base(request)}/overview?{_qs(raw)}",
         chain=_chain_cache(request).current(engine, refresh="background"),
         chain_running=_chain_cache(request).running,
+        refresh_s=3 if _chain_cache(request).running else None,  # the badge's result is moments away
     )
 
 
@@ -357,7 +375,8 @@ def chain(request: Request) -> Response:
     if principal is None:
         return _to_login(request)
     run = _chain_cache(request).current(_state(request).engine, refresh="sync")
-    return _render(request, "chain.html", principal, title="Audit chain", run=run)
+    return _render(request, "chain.html", principal, title="Audit chain", run=run, refresh_s=CHAIN_REFRESH_SECONDS,
+                   max_age_s=_chain_cache(request).max_age_s)
 
 
 @router.post("/chain/verify")

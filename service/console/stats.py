@@ -15,6 +15,7 @@ from typing import Iterator, Mapping
 import numpy as np
 from sqlalchemy import Engine, func, select
 
+from service import errors as error_codes
 from service.records import audit
 from service.records.audit import AuditFilter, utc
 from service.records.engine import read_session
@@ -25,6 +26,8 @@ log = logging.getLogger("idverify.console")
 FILTER_FIELDS = ("since", "until", "decision", "device_id", "reference", "error_code", "min_score", "max_score")
 PAGE_SIZES = (25, 50, 100, 200)
 OVERVIEW_DEFAULT_DAYS = 7
+# the error-code filter's choices: every stable code in service/errors.py (pipeline, auth, rate)
+ERROR_CODES = tuple(sorted({v for k, v in vars(error_codes).items() if k.isupper() and isinstance(v, str)}))
 
 
 # --- filters --------------------------------------------------------------------------------

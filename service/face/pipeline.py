@@ -119,7 +119,9 @@ class Pipeline:
                            f"{self.settings.min_face_px} px are needed", field, status=422)
         with timed(timings, "align"):
             chip = align(image, face.landmarks, self.template, self.chip_size)
-        side.quality = quality.assess(chip, face.landmarks, side.face_px, side.faces_seen)
+        rules = ({"small_face_px": self.settings.chip_small_face_px, "blur_min": self.settings.chip_blur_min}
+                 if SIDES[field] == "id" else {})
+        side.quality = quality.assess(chip, face.landmarks, side.face_px, side.faces_seen, **rules)
         return side, chip
 
     def compare(self, id_side: Side, live_side: Side) -> float:

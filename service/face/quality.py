@@ -5,14 +5,17 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-BLUR_MIN = 25.0          # variance of the Laplacian on the 150 px grey chip
+BLUR_MIN = 25.0          # variance of the Laplacian on the 150 px grey chip (live photos; chips: IDV_CHIP_BLUR_MIN)
 DARK_MAX = 60.0          # mean luma below: underexposed
 BRIGHT_MIN = 200.0       # mean luma above: overexposed
 YAW_MAX = 0.30           # |nose offset from the eye midline| / eye distance
-SMALL_FACE_PX = 64       # below this the face is usable but small
+SMALL_FACE_PX = 64       # below this the face is usable but small (live photos; chips: IDV_CHIP_SMALL_FACE_PX)
 
 
-def assess(chip: np.ndarray, landmarks: np.ndarray, face_px: float, faces_seen: int) -> dict:
+def assess(chip: np.ndarray, landmarks: np.ndarray, face_px: float, faces_seen: int,
+           small_face_px: float = SMALL_FACE_PX, blur_min: float = BLUR_MIN) -> dict:
+    """The flags; `small_face_px` and `blur_min` are the rules of the photo's kind (the pipeline
+    passes the chip photo's own: a ~1 KB 102x126 chip is small and soft by design)."""
     grey = cv2.cvtColor(chip, cv2.COLOR_RGB2GRAY)
     sharpness = float(cv2.Laplacian(grey, cv2.CV_64F).var())
     brightness = float(grey.mean())
@@ -26,10 +29,10 @@ def assess(chip: np.ndarray, landmarks: np.ndarray, face_px: float, faces_seen: 
         "brightness": round(brightness, 1),
         "yaw_ratio": round(yaw, 3),
         "roll_deg": round(roll, 1),
-        "blurry": sharpness < BLUR_MIN,
+        "blurry": sharpness < blur_min,
         "underexposed": brightness < DARK_MAX,
         "overexposed": brightness > BRIGHT_MIN,
         "off_frontal": abs(yaw) > YAW_MAX,
-        "small_face": face_px < SMALL_FACE_PX,
+        "small_face": face_px < small_face_px,
         "multiple_faces": faces_seen > 1,
     }

@@ -15,28 +15,20 @@ import csv
 import io
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
-from console_support import lfw_pairs, served_models
+from console_support import NEEDS_CHROMIUM, headless_chromium, lfw_pairs, served_models, wait_for as _wait
 from service.records import keys, retention
 from service.app import create_app
 from service.records.engine import make_engine, migrate
 from service.settings import Settings
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ROOT = Path(__file__).resolve().parents[3]
 SHOTS = ROOT / "reports" / "screenshots"
 
-pytestmark = [
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed "
-                       "(apt-get install -y chromium chromium-driver); .ci/run installs it"),
-    pytest.mark.skipif(not CHROMEDRIVER.exists(), reason="/usr/bin/chromedriver is missing "
-                       "(apt-get install -y chromium-driver)"),
-]
+pytestmark = NEEDS_CHROMIUM
 
 
 def _photo_pairs(request) -> list[tuple[str, bytes, bytes]]:
@@ -84,39 +76,7 @@ def console_site(request, tmp_path, live_server):
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium import webdriver  # in the `test` extra: a missing selenium is an error, not a skip
-    from selenium.webdriver.chrome.service import Service  # a driver path given: Selenium Manager never runs
-
-    downloads = tmp_path / "downloads"
-    downloads.mkdir()
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,860",
-                 "--lang=en-GB"):
-        opts.add_argument(flag)
-    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                           "download.prompt_for_download": False,
-                                           "safebrowsing.enabled": False})
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
-    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
-    driver.implicitly_wait(0)
-    driver.downloads = downloads
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def _wait(condition, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    yield from headless_chromium(tmp_path)
 
 
 def _full_page_screenshot(d, path: Path) -> None:
@@ -199,3 +159,38 @@ def test_console_in_headless_chromium(console_site, browser):
     d.get(f"{base}/console")
     assert "/console/login" in d.current_url
     assert not [c for c in d.get_cookies() if c["name"] == "idv_console"]
+
+
+def test_admin_manages_keys_in_headless_chromium(tmp_path, live_server, unused_models, browser):
+    """Sign in as admin, create a kiosk key (its plaintext shown once), revoke it; the chain page
+    carries its meta refresh and the list its error-code select."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    admin = keys.create_key(engine, "admin", "Ada (admin)")[1]
+    base = live_server(create_app(Settings(database_url=url), models=unused_models))
+    d = browser
+    d.get(f"{base}/console/login")
+    d.find_element(By.ID, "key").send_keys(admin)
+    d.find_element(By.ID, "sign-in").click()
+    _wait(lambda: d.current_url.rstrip("/").endswith("/console"), what="the records list")
+    assert "no_face" in [o.get_attribute("value") for o in Select(d.find_element(By.ID, "f-error-code")).options]
+    d.find_element(By.LINK_TEXT, "Keys").click()
+    _wait(lambda: "/console/keys" in d.current_url, what="the keys page")
+    Select(d.find_element(By.ID, "new-role")).select_by_value("kiosk")
+    d.find_element(By.ID, "new-name").send_keys("lobby kiosk 12")
+    d.find_element(By.ID, "create").click()
+    plaintext = _wait(lambda: d.find_elements(By.ID, "new-key"), what="the new key")[0].text
+    made = keys.lookup(engine, plaintext)
+    assert made is not None and made.role == "kiosk" and made.name == "lobby kiosk 12"
+    d.get(f"{base}/console/keys")
+    assert plaintext not in d.page_source
+    d.find_element(By.CSS_SELECTOR, f"#key-{made.id} button.revoke").click()
+    _wait(lambda: "yes, " in d.find_element(By.ID, f"key-{made.id}").text, what="the revoked row")
+    assert keys.lookup(engine, plaintext) is None
+    d.get(f"{base}/console/chain")
+    assert d.find_elements(By.CSS_SELECTOR, 'meta[http-equiv="refresh"]')
+    engine.dispose()

@@ -1,0 +1,97 @@
+"""The console's API-key page: admins list, create (plaintext shown once) and revoke keys
+through CSRF-protected forms; operators are answered 403; a refusal from keys.revoke_key (the
+last active admin key) is shown on the page."""
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+
+from console_support import csrf_from, sign_in
+from service.records import keys
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
+
+
+def _token(client) -> str:
+    return csrf_from(client.get("/console/keys").text)
+
+
+def test_operators_get_403_and_no_keys_link(client, role_keys):
+    sign_in(client, role_keys["operator"])
+    assert 'href="/console/keys"' not in client.get("/console").text
+    r = client.get("/console/keys")
+    assert r.status_code == 403 and "cannot manage API keys" in r.text and "test-kiosk" not in r.text
+    token = csrf_from(client.get("/console").text)
+    assert client.post("/console/keys", data={"csrf_token": token, "role": "admin", "name": "x"}).status_code == 403
+    assert client.post("/console/keys/1/revoke", data={"csrf_token": token}).status_code == 403
+
+
+def test_without_a_session_or_csrf_token(client, role_keys):
+    assert client.get("/console/keys", follow_redirects=False).status_code == 303
+    assert client.post("/console/keys", data={"role": "kiosk", "name": "x"}).status_code == 401
+    sign_in(client, role_keys["admin"])
+    assert client.post("/console/keys", data={"role": "kiosk", "name": "x"}).status_code == 403
+    assert client.post("/console/keys", data={"role": "kiosk", "name": "x", "csrf_token": "guess"}).status_code == 403
+    assert client.post("/console/keys/1/revoke", data={}).status_code == 403
+
+
+def test_admin_lists_and_creates_a_key_shown_once(client, engine, role_keys, caplog):
+    sign_in(client, role_keys["admin"])
+    page = client.get("/console")
+    assert 'href="/console/keys"' in page.text
+    r = client.get("/console/keys")
+    assert r.status_code == 200
+    for role in keys.ROLES:
+        assert f"test-{role}" in r.text
+    assert all(plaintext not in r.text for plaintext in role_keys.values())
+    with caplog.at_level(logging.DEBUG):
+        r = client.post("/console/keys", data={"csrf_token": csrf_from(r.text), "role": "kiosk", "name": "lobby 7"})
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    plaintext = re.search(r'id="new-key">([^<]+)<', r.text).group(1)
+    created = keys.lookup(engine, plaintext)
+    assert created is not None and created.role == "kiosk" and created.name == "lobby 7"
+    assert plaintext not in caplog.text and f"key {created.id} (kiosk) created" in caplog.text
+    again = client.get("/console/keys")
+    assert "lobby 7" in again.text and plaintext not in again.text and created.prefix in again.text
+
+
+@pytest.mark.parametrize("form", [{"role": "root", "name": "x"}, {"role": "kiosk", "name": " "},
+                                  {"role": "kiosk", "name": "x" * 201}, {"role": "kiosk", "name": "a\x00b"}])
+def test_invalid_create_forms_are_reported(client, engine, role_keys, form):
+    sign_in(client, role_keys["admin"])
+    before = len(keys.list_keys(engine))
+    r = client.post("/console/keys", data={"csrf_token": _token(client), **form})
+    assert r.status_code == 400 and 'id="keys-error"' in r.text
+    assert len(keys.list_keys(engine)) == before
+
+
+def test_admin_revokes_a_key(client, engine, role_keys):
+    sign_in(client, role_keys["admin"])
+    kiosk = keys.lookup(engine, role_keys["kiosk"])
+    r = client.post(f"/console/keys/{kiosk.id}/revoke", data={"csrf_token": _token(client)}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/console/keys"
+    assert keys.lookup(engine, role_keys["kiosk"]) is None
+    row = re.search(rf'<tr id="key-{kiosk.id}">(.*?)</tr>', client.get("/console/keys").text, re.S).group(1)
+    assert "yes, " in row and "Revoke" not in row
+    assert client.post("/console/keys/99999/revoke", data={"csrf_token": _token(client)}).status_code == 404
+    assert client.post("/console/keys/nope/revoke", data={"csrf_token": _token(client)}).status_code == 404
+
+
+def test_a_refused_revocation_is_shown(client, engine, role_keys, monkeypatch):
+    """keys.revoke_key refuses to revoke the last active admin key; the page says why."""
+    sign_in(client, role_keys["admin"])
+    token = _token(client)
+
+    def refuse(_engine, _key_id):
+        raise ValueError("the last active admin key cannot be revoked")
+
+    monkeypatch.setattr(keys, "revoke_key", refuse)
+    admin = keys.lookup(engine, role_keys["admin"])
+    r = client.post(f"/console/keys/{admin.id}/revoke", data={"csrf_token": token})
+    assert r.status_code == 409 and "Not revoked: the last active admin key cannot be revoked" in r.text
+    assert keys.lookup(engine, role_keys["admin"]) is not None
