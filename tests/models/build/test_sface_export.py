@@ -28,6 +28,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from models.build import export_sface as ex  # noqa: E402
+from models.build import sface_checks as ck  # noqa: E402
 from service.face.align import align  # noqa: E402
 from service.face.artifacts import sha256_file  # noqa: E402
 
@@ -67,7 +68,7 @@ def faces():
     data_dir = Path(get_settings().data_dir)
     if not (data_dir / "lfw" / "images").is_dir():
         pytest.skip(f"LFW images not found under {data_dir / 'lfw' / 'images'} (set IDV_DATA_DIR)")
-    found = ex.lfw_faces(data_dir, n=6)
+    found = ck.lfw_faces(data_dir, n=6)
     assert len(found) == 6, "MTCNN found too few faces in LFW"
     return found
 
@@ -83,7 +84,7 @@ def test_manifest_matches_the_file(manifest):
         "range": [0, 255], "normalisation": None}
     assert manifest["output"]["name"] == "embedding" and manifest["output"]["dim"] == 128
     assert manifest["template"]["size"] == 112
-    np.testing.assert_allclose(manifest["template"]["points"], ex.SFACE_TEMPLATE, atol=1e-4)
+    np.testing.assert_allclose(manifest["template"]["points"], ck.SFACE_TEMPLATE, atol=1e-4)
     assert manifest["source"]["model_sha256"] == ex.MEMBER_SHA256
     assert manifest["licence"]["spdx"] == "Apache-2.0"
 
@@ -124,7 +125,7 @@ def test_parity_with_opencv_end_to_end(session, reference, faces, manifest):
     template = np.asarray(manifest["template"]["points"], np.float32)
     for rel, img, lm in faces:
         bgr = np.ascontiguousarray(img[:, :, ::-1])
-        theirs = reference.alignCrop(bgr, ex.face_row(lm))
+        theirs = reference.alignCrop(bgr, ck.face_row(lm))
         ours = align(img, lm, template, 112)
         assert np.abs(theirs[:, :, ::-1].astype(int) - ours.astype(int)).max() <= 1, rel
         a = session.run(["embedding"], {"image": ours[None].astype(np.float32)})[0][0]
