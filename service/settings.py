@@ -32,7 +32,11 @@ class Settings(BaseSettings):
 
     # input limits, checked before full decoding
     max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = 16_000_000      # live photo: a 12 MP phone frame fits, 4K video is 8.3 MP
+    max_id_image_pixels: int = 2_000_000    # ID-chip photo (ICAO chip images are about 0.3 MP)
+    decode_target_side: int = 1600  # JPEG / JPEG 2000 at least 2x larger are decoded at 1/2..1/8 scale, not below this
+    max_concurrent_decodes: int = 2 # decodes at once per process; others wait up to decode_wait_seconds, then 503
+    decode_wait_seconds: float = 10.0
     max_request_bytes: int = 25 * 1024 * 1024
     min_face_px: int = 32
     detect_max_side: int = 800      # big frames are detected on a copy downscaled to this
