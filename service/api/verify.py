@@ -84,6 +84,8 @@ def _rate_limit(limiter, key_id: int) -> None:
 
 
 def write_audit(engine, cipher, settings, attempt: VerifyAttempt, models) -> None:
-    """The call's audit record (committed), then its images when IDV_RETAIN_IMAGES is on."""
+    """The call's audit record (committed), then, when IDV_RETAIN_IMAGES is on, its images that
+    passed decoding (detection ran on them): refused uploads are never stored."""
     audit.append(engine, **attempt.audit_columns(models))
-    retention.retain_request(engine, cipher, settings, attempt.request_id, attempt.input)
+    decoded = {f for f, side in attempt.sides.items() if side is not None and side.faces_seen is not None}
+    retention.retain_request(engine, cipher, settings, attempt.request_id, attempt.input, decoded)
