@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel, Field
 
 from service.records import keys
@@ -32,7 +32,7 @@ def list_keys(request: Request) -> dict:
 
 
 @router.delete("/keys/{key_id}", response_model=KeyAnswer)
-def revoke_key(key_id: int, request: Request) -> dict:
+def revoke_key(request: Request, key_id: int = Path(ge=1, le=keys.MAX_KEY_ID)) -> dict:
     key = keys.revoke_key(deps.engine(request), key_id)
     if key is None:
         raise ApiError("not_found", f"no key {key_id}", "id", status=404)

@@ -30,6 +30,7 @@ PERMISSIONS = {
 KEY_TAG = "idv_"
 PREFIX_LEN = 12
 MIN_BOOTSTRAP_LEN = 24
+MAX_KEY_ID = 2**31 - 1   # api_keys.id is an INTEGER
 log = logging.getLogger("idverify.keys")
 
 
@@ -79,6 +80,8 @@ def list_keys(engine: Engine) -> list[ApiKey]:
 
 def revoke_key(engine: Engine, key_id: int) -> ApiKey | None:
     """Mark the key revoked (rows stay: audit records refer to them). None if unknown."""
+    if not 1 <= key_id <= MAX_KEY_ID:
+        return None
     with write_session(engine) as s:
         key = s.get(ApiKey, key_id)
         if key is not None and key.revoked_at is None:
