@@ -7,6 +7,7 @@ bootstrap admin key when IDV_BOOTSTRAP_ADMIN_KEY is set.
 from __future__ import annotations
 
 import logging
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -16,9 +17,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.records import keys
-from service.records.engine import make_engine, schema_is_current
-from service.errors import INVALID_REQUEST, MISSING_FIELD, ApiError
+from service.records.engine import OUTAGE_ERRORS, make_engine, schema_is_current
+from service.errors import INVALID_REQUEST, MISSING_FIELD, ApiError, database_unavailable
 from service.metrics import Metrics, MetricsMiddleware
+from service.middleware import BodyDeadline, CatchAll, SecurityHeaders
 from service.ratelimit import RateLimiter
 from service.settings import Settings, get_settings
 
@@ -64,7 +66,10 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
     app.state.models = models
     app.state.limiter = RateLimiter(settings.rate_limit_per_minute)
     app.state.metrics = Metrics()
+    app.add_middleware(BodyDeadline, seconds=settings.body_timeout_seconds)
+    app.add_middleware(CatchAll)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(SecurityHeaders)
     _error_handlers(app)
 
     from service.api import admin, audit, health, verify
@@ -100,6 +105,18 @@ def _error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         code = code or (INVALID_REQUEST if exc.status_code < 500 else "internal_error")
         return _error_response(code, str(exc.detail), None, exc.status_code, getattr(exc, "headers", None))
+
+    async def database_outage(request: Request, exc: Exception) -> JSONResponse:
+        """The database is unreachable (down, restarting, refusing connections, locked): 503
+        with Retry-After, never a bare 500 or a dropped connection. The pool reconnects by itself."""
+        err = database_unavailable()
+        request_id = str(uuid.uuid4())
+        log.warning("database unavailable on %s %s (request %s): %s", request.method, request.url.path,
+                    request_id, str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+        return _error_response(err.code, err.message, None, err.status, {**err.headers, "X-Request-ID": request_id})
+
+    for cls in OUTAGE_ERRORS:
+        app.add_exception_handler(cls, database_outage)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

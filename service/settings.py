@@ -44,6 +44,14 @@ class Settings(BaseSettings):
 
     rate_limit_per_minute: int = 0  # per key, 0 = off
 
+    # HTTP server limits (service/server.py, service/middleware.py); see docs/security.md
+    header_timeout_seconds: float = 10.0   # request line + headers must arrive within this, else the connection closes
+    body_timeout_seconds: float = 60.0     # the whole body within this of the request's start, else 408
+    keep_alive_seconds: int = 5            # idle keep-alive connections close after this
+    max_connections: int = 2048            # open connections; more are answered 503 and closed
+    max_header_bytes: int = 16384          # request line + headers
+    metrics_token: str | None = None       # when set, /metrics needs "Authorization: Bearer <token>"
+
     retain_images: bool = False
     retention_days: int = 30        # `idverify audit purge` deletes retained images older than this
     image_key: str | None = None    # urlsafe-base64 32-byte key (AES-256-GCM) for retained images

@@ -20,8 +20,9 @@ from service.api import deps
 from service.api.attempt import INTERNAL, VerifyAttempt
 from service.api.schemas import ERRORS, VerifyAnswer
 from service.api.verify_input import read_verify_input
-from service.errors import RATE_LIMITED, ApiError
+from service.errors import RATE_LIMITED, ApiError, database_unavailable
 from service.records import audit, retention
+from service.records.engine import is_outage
 
 log = logging.getLogger("idverify.verify")
 router = APIRouter()
@@ -65,9 +66,13 @@ async def verify(request: Request) -> JSONResponse:
 
     try:
         await run_in_threadpool(write_audit, state.engine, state.image_cipher, state.settings, attempt, models)
-    except Exception:  # noqa: BLE001 - without its audit record, no answer may be given
-        log.exception("audit write for %s failed", attempt.request_id)
-        attempt.failed(ApiError(INTERNAL, "the audit record could not be written", None, status=500))
+    except Exception as exc:  # noqa: BLE001 - without its audit record, no answer may be given
+        if is_outage(exc):
+            log.warning("audit write for %s failed: database unavailable", attempt.request_id)
+            attempt.failed(database_unavailable())
+        else:
+            log.exception("audit write for %s failed", attempt.request_id)
+            attempt.failed(ApiError(INTERNAL, "the audit record could not be written", None, status=500))
 
     request.state.outcome = attempt.outcome
     status, body, headers = attempt.answer(models)
