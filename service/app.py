@@ -21,7 +21,7 @@ from service.records.engine import OUTAGE_ERRORS, make_engine, schema_is_current
 from service.errors import INVALID_REQUEST, MISSING_FIELD, ApiError, database_unavailable
 from service.metrics import Metrics, MetricsMiddleware
 from service.middleware import BodyDeadline, CatchAll, SecurityHeaders
-from service.ratelimit import RateLimiter
+from service.ratelimit import FailureThrottle, RateLimiter
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("idverify.app")
@@ -46,8 +46,11 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if not await run_in_threadpool(schema_is_current, engine):
             raise RuntimeError("the database schema is not at the latest migration: run `idverify migrate`")
-        if await run_in_threadpool(keys.ensure_bootstrap_admin, engine, settings.bootstrap_admin_key):
+        if await run_in_threadpool(keys.ensure_bootstrap_admin, engine, settings.bootstrap_admin_key,
+                                   settings.key_pepper):
             log.info("created the bootstrap admin key")
+        if not settings.key_pepper:
+            log.warning("IDV_KEY_PEPPER is not set: API keys are hashed without a server-side secret")
         if app.state.models is None:
             app.state.models = await run_in_threadpool(load_models, settings)
         try:
@@ -65,6 +68,7 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
     app.state.engine = engine
     app.state.models = models
     app.state.limiter = RateLimiter(settings.rate_limit_per_minute)
+    app.state.auth_throttle = FailureThrottle(settings.auth_failures_per_minute)
     app.state.metrics = Metrics()
     app.add_middleware(BodyDeadline, seconds=settings.body_timeout_seconds)
     app.add_middleware(CatchAll)

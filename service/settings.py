@@ -17,7 +17,9 @@ class Settings(BaseSettings):
     port: int = 8000
     # SQLite under ./var/ is the embedded default; PostgreSQL in production.
     database_url: str = f"sqlite:///{ROOT / 'var' / 'idverify.db'}"
-    bootstrap_admin_key: str | None = None
+    bootstrap_admin_key: str | None = None   # at least 32 characters
+    key_pepper: str | None = None   # server-side secret: API keys are stored as HMAC(pepper, SHA-256(key))
+    auth_failures_per_minute: int = 30   # wrong keys / sign-ins per client address and per key prefix, then 429
 
     models_dir: Path = ROOT / "models" / "repository"
     detector_version: str = "1"     # version folder of models/repository/mtcnn/ ("current" = its CURRENT file)

@@ -22,7 +22,8 @@ class KeyCreate(BaseModel):
 @router.post("/keys", status_code=201, response_model=KeyCreated)
 def create_key(body: KeyCreate, request: Request) -> dict:
     """The plaintext key is in this answer only; it is stored hashed."""
-    key, plaintext = keys.create_key(deps.engine(request), body.role, body.name)
+    key, plaintext = keys.create_key(deps.engine(request), body.role, body.name,
+                                     pepper=request.app.state.settings.key_pepper)
     return {"id": key.id, "key": plaintext, "role": key.role, "name": key.name, "prefix": key.prefix}
 
 
@@ -33,7 +34,10 @@ def list_keys(request: Request) -> dict:
 
 @router.delete("/keys/{key_id}", response_model=KeyAnswer)
 def revoke_key(request: Request, key_id: int = Path(ge=1, le=keys.MAX_KEY_ID)) -> dict:
-    key = keys.revoke_key(deps.engine(request), key_id)
+    try:
+        key = keys.revoke_key(deps.engine(request), key_id, keep_last_admin=True)
+    except keys.LastAdminKey as exc:
+        raise ApiError("last_admin_key", str(exc), "id", status=409) from exc
     if key is None:
         raise ApiError("not_found", f"no key {key_id}", "id", status=404)
     return keys.public(key)

@@ -95,21 +95,23 @@ def ping(engine: Engine) -> bool:
         return False
 
 
-def alembic_config(url: str | None = None):
+def alembic_config(url: str | None = None, key_pepper: str | None = None):
     from alembic.config import Config
 
     cfg = Config(str(MIGRATIONS_DIR / "alembic.ini"))
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     if url:
         cfg.attributes["database_url"] = normalise_url(url)
+    if key_pepper is not None:
+        cfg.attributes["key_pepper"] = key_pepper   # else migration 0003 reads IDV_KEY_PEPPER
     return cfg
 
 
-def migrate(url: str, revision: str = "head") -> None:
+def migrate(url: str, revision: str = "head", key_pepper: str | None = None) -> None:
     """Apply the Alembic migrations (works from any working directory)."""
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    command.upgrade(alembic_config(url, key_pepper), revision)
 
 
 def register(sub) -> None:
