@@ -140,8 +140,12 @@ def register(sub) -> None:
 def _cmd_serve(args) -> int:
     import uvicorn
 
+    from service.server import install_log_throttle, uvicorn_config
+
     settings = get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
-                log_level="info", timeout_graceful_shutdown=10)
+    config = uvicorn_config(create_app(settings), settings, host=args.host or settings.host,
+                            port=args.port or settings.port, log_level="info", timeout_graceful_shutdown=10)
+    install_log_throttle()   # uvicorn.Config has set up its loggers' handlers by now
+    uvicorn.Server(config).run()
     return 0
