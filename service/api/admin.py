@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Path, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from service.records import keys
 from service.api import deps
@@ -17,6 +17,13 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(deps.r
 class KeyCreate(BaseModel):
     role: Literal["kiosk", "operator", "admin"]
     name: str = Field(min_length=1, max_length=200)
+
+    @field_validator("name")
+    @classmethod
+    def printable(cls, value: str) -> str:
+        if not value.isprintable():   # NUL bytes among them: PostgreSQL refuses them in text
+            raise ValueError("must not contain control characters")
+        return value
 
 
 @router.post("/keys", status_code=201, response_model=KeyCreated)

@@ -103,3 +103,11 @@ def test_console_pages_and_export_with_the_same_values(make_client, role_keys, s
             assert "NUL" in r.text
     for path in ("/console/records/a%00b", "/console/records/a%00b/images/id", "/console/records/" + "x" * 3000):
         assert client.get(path).status_code == 404
+
+
+def test_nul_bytes_in_key_names_are_refused(make_client, role_keys):
+    """Found by the fuzz run: a key name with a NUL byte was a 500 on PostgreSQL."""
+    r = make_client().post("/admin/keys", json={"role": "kiosk", "name": "a\x00b"},
+                           headers={"X-API-Key": role_keys["admin"]})
+    envelope(r, 400)
+    assert r.json()["error"]["field"] == "name"
