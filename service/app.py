@@ -7,6 +7,7 @@ bootstrap admin key when IDV_BOOTSTRAP_ADMIN_KEY is set.
 from __future__ import annotations
 
 import logging
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -17,10 +18,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api import openapi
 from service.records import keys
-from service.records.engine import make_engine, schema_is_current
-from service.errors import INVALID_REQUEST, MISSING_FIELD, ApiError
+from service.records.engine import OUTAGE_ERRORS, make_engine, schema_is_current
+from service.errors import INVALID_REQUEST, MISSING_FIELD, ApiError, database_unavailable
 from service.metrics import Metrics, MetricsMiddleware
-from service.ratelimit import RateLimiter
+from service.middleware import BodyDeadline, CatchAll, SecurityHeaders
+from service.ratelimit import FailureThrottle, RateLimiter
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("idverify.app")
@@ -45,8 +47,11 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if not await run_in_threadpool(schema_is_current, engine):
             raise RuntimeError("the database schema is not at the latest migration: run `idverify migrate`")
-        if await run_in_threadpool(keys.ensure_bootstrap_admin, engine, settings.bootstrap_admin_key):
+        if await run_in_threadpool(keys.ensure_bootstrap_admin, engine, settings.bootstrap_admin_key,
+                                   settings.key_pepper):
             log.info("created the bootstrap admin key")
+        if not settings.key_pepper:
+            log.warning("IDV_KEY_PEPPER is not set: API keys are hashed without a server-side secret")
         if app.state.models is None:
             app.state.models = await run_in_threadpool(load_models, settings)
         try:
@@ -64,8 +69,12 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
     app.state.engine = engine
     app.state.models = models
     app.state.limiter = RateLimiter(settings.rate_limit_per_minute)
+    app.state.auth_throttle = FailureThrottle(settings.auth_failures_per_minute)
     app.state.metrics = Metrics()
+    app.add_middleware(BodyDeadline, seconds=settings.body_timeout_seconds)
+    app.add_middleware(CatchAll)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(SecurityHeaders)
     _error_handlers(app)
 
     from service.api import admin, audit, health, verify
@@ -103,6 +112,18 @@ def _error_handlers(app: FastAPI) -> None:
         code = code or (INVALID_REQUEST if exc.status_code < 500 else "internal_error")
         return _error_response(code, str(exc.detail), None, exc.status_code, getattr(exc, "headers", None))
 
+    async def database_outage(request: Request, exc: Exception) -> JSONResponse:
+        """The database is unreachable (down, restarting, refusing connections, locked): 503
+        with Retry-After, never a bare 500 or a dropped connection. The pool reconnects by itself."""
+        err = database_unavailable()
+        request_id = str(uuid.uuid4())
+        log.warning("database unavailable on %s %s (request %s): %s", request.method, request.url.path,
+                    request_id, str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+        return _error_response(err.code, err.message, None, err.status, {**err.headers, "X-Request-ID": request_id})
+
+    for cls in OUTAGE_ERRORS:
+        app.add_exception_handler(cls, database_outage)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -121,8 +142,12 @@ def register(sub) -> None:
 def _cmd_serve(args) -> int:
     import uvicorn
 
+    from service.server import install_log_throttle, uvicorn_config
+
     settings = get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
-                log_level="info", timeout_graceful_shutdown=10)
+    config = uvicorn_config(create_app(settings), settings, host=args.host or settings.host,
+                            port=args.port or settings.port, log_level="info", timeout_graceful_shutdown=10)
+    install_log_throttle()   # uvicorn.Config has set up its loggers' handlers by now
+    uvicorn.Server(config).run()
     return 0

@@ -31,3 +31,12 @@ FORBIDDEN = "forbidden"
 RATE_LIMITED = "rate_limited"
 INTERNAL_ERROR = "internal_error"
 NOT_READY = "not_ready"
+BUSY = "busy"
+DATABASE_UNAVAILABLE = "database_unavailable"
+
+
+def database_unavailable() -> ApiError:
+    """503 database_unavailable with Retry-After: the audit store cannot be reached."""
+    err = ApiError(DATABASE_UNAVAILABLE, "the database is unavailable; retry shortly", None, status=503)
+    err.headers = {"Retry-After": "2"}
+    return err

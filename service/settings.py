@@ -17,7 +17,9 @@ class Settings(BaseSettings):
     port: int = 8000
     # SQLite under ./var/ is the embedded default; PostgreSQL in production.
     database_url: str = f"sqlite:///{ROOT / 'var' / 'idverify.db'}"
-    bootstrap_admin_key: str | None = None
+    bootstrap_admin_key: str | None = None   # at least 32 characters
+    key_pepper: str | None = None   # server-side secret: API keys are stored as HMAC(pepper, SHA-256(key))
+    auth_failures_per_minute: int = 30   # wrong keys / sign-ins per client address and per key prefix, then 429
 
     models_dir: Path = ROOT / "models" / "repository"
     detector_version: str = "1"     # version folder of models/repository/mtcnn/ ("current" = its CURRENT file)
@@ -32,7 +34,11 @@ class Settings(BaseSettings):
 
     # input limits, checked before full decoding
     max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = 16_000_000      # live photo: a 12 MP phone frame fits, 4K video is 8.3 MP
+    max_id_image_pixels: int = 2_000_000    # ID-chip photo (ICAO chip images are about 0.3 MP)
+    decode_target_side: int = 1600  # JPEG / JPEG 2000 at least 2x larger are decoded at 1/2..1/8 scale, not below this
+    max_concurrent_decodes: int = 2 # decodes at once per process; others wait up to decode_wait_seconds, then 503
+    decode_wait_seconds: float = 10.0
     max_request_bytes: int = 25 * 1024 * 1024
     min_face_px: int = 32
     # the id_photo's own quality rules. On simulated LFW chips (102x126, ~1 KB) the face is 48-69 px
@@ -43,6 +49,14 @@ class Settings(BaseSettings):
     detect_min_side: int = 240      # small images (chip photos) are upsampled to this before detection
 
     rate_limit_per_minute: int = 0  # per key, 0 = off
+
+    # HTTP server limits (service/server.py, service/middleware.py); see docs/security.md
+    header_timeout_seconds: float = 10.0   # request line + headers must arrive within this, else the connection closes
+    body_timeout_seconds: float = 60.0     # the whole body within this of the request's start, else 408
+    keep_alive_seconds: int = 5            # idle keep-alive connections close after this
+    max_connections: int = 2048            # open connections; more are answered 503 and closed
+    max_header_bytes: int = 16384          # request line + headers
+    metrics_token: str | None = None       # when set, /metrics needs "Authorization: Bearer <token>"
 
     retain_images: bool = False
     retention_days: int = 30        # `idverify audit purge` deletes retained images older than this

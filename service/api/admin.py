@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, Path, Request
+from pydantic import BaseModel, Field, field_validator
 
 from service.records import keys
 from service.api import deps
@@ -19,11 +19,19 @@ class KeyCreate(BaseModel):
     role: Literal["kiosk", "operator", "admin"]
     name: str = Field(min_length=1, max_length=200)
 
+    @field_validator("name")
+    @classmethod
+    def printable(cls, value: str) -> str:
+        if not value.isprintable():   # NUL bytes among them: PostgreSQL refuses them in text
+            raise ValueError("must not contain control characters")
+        return value
+
 
 @router.post("/keys", status_code=201, response_model=KeyCreated, responses=errors(400))
 def create_key(body: KeyCreate, request: Request) -> dict:
     """The plaintext key is in this answer only; it is stored hashed."""
-    key, plaintext = keys.create_key(deps.engine(request), body.role, body.name)
+    key, plaintext = keys.create_key(deps.engine(request), body.role, body.name,
+                                     pepper=request.app.state.settings.key_pepper)
     return {"id": key.id, "key": plaintext, "role": key.role, "name": key.name, "prefix": key.prefix}
 
 
@@ -33,8 +41,11 @@ def list_keys(request: Request) -> dict:
 
 
 @router.delete("/keys/{key_id}", response_model=KeyAnswer, responses=errors(400, 404, 409))
-def revoke_key(key_id: int, request: Request) -> dict:
-    key = keys.revoke_key(deps.engine(request), key_id)
+def revoke_key(request: Request, key_id: int = Path(ge=1, le=keys.MAX_KEY_ID)) -> dict:
+    try:
+        key = keys.revoke_key(deps.engine(request), key_id, keep_last_admin=True)
+    except keys.LastAdminKey as exc:
+        raise ApiError("last_admin_key", str(exc), "id", status=409) from exc
     if key is None:
         raise ApiError("not_found", f"no key {key_id}", "id", status=404)
     return keys.public(key)

@@ -30,6 +30,8 @@ def list_audit(
 ) -> dict:
     flt = audit.AuditFilter(since=since, until=until, decision=decision, device_id=device_id,
                             reference=reference, error_code=error_code, min_score=min_score, max_score=max_score)
+    for name in flt.invalid_fields():
+        raise ApiError(INVALID_REQUEST, f"{name} contains a NUL byte", name)
     try:
         records, next_cursor = audit.query(deps.engine(request), flt, limit, cursor)
     except ValueError as exc:
@@ -39,6 +41,8 @@ def list_audit(
 
 @router.get("/audit/{record_id}", response_model=AuditRecordAnswer, responses=errors(404))
 def get_audit(record_id: str, request: Request) -> dict:
+    if "\x00" in record_id:
+        raise ApiError(INVALID_REQUEST, "id contains a NUL byte", "id")
     record = audit.get(deps.engine(request), record_id)
     if record is None:
         raise ApiError("not_found", f"no audit record {record_id}", "id", status=404)

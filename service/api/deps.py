@@ -7,7 +7,7 @@ from sqlalchemy import Engine
 
 from service.records import keys
 from service.records.tables import ApiKey
-from service.errors import FORBIDDEN, UNAUTHORIZED, ApiError
+from service.errors import FORBIDDEN, RATE_LIMITED, UNAUTHORIZED, ApiError
 
 API_KEY_HEADER = "X-API-Key"
 # For the OpenAPI document only (auto_error off: authenticate() answers 401 in the envelope);
@@ -34,11 +34,26 @@ def models(request: Request):
     return m
 
 
+def throttled(wait: float) -> ApiError:
+    err = ApiError(RATE_LIMITED, f"too many failed attempts; retry in {wait:.0f} s", None, status=429)
+    err.headers = {"Retry-After": str(max(1, round(wait + 0.5)))}
+    return err
+
+
 def authenticate(request: Request) -> ApiKey:
     """The caller's active key. 401 `unauthorized` when the header is missing or the key is
-    unknown or revoked. (Blocking: a database lookup.)"""
-    key = keys.lookup(engine(request), request.headers.get(API_KEY_HEADER))
+    unknown or revoked; 429 `rate_limited` once this address or key prefix has failed too often
+    (service.ratelimit.FailureThrottle). (Blocking: a database lookup.)"""
+    state = request.app.state
+    presented = request.headers.get(API_KEY_HEADER)
+    idents = state.auth_throttle.idents(request.client.host if request.client else None, presented)
+    wait = state.auth_throttle.wait(idents)
+    if wait:
+        raise throttled(wait)
+    key = keys.lookup(engine(request), presented, state.settings.key_pepper)
     if key is None:
+        if presented:
+            state.auth_throttle.failed(idents)
         raise ApiError(UNAUTHORIZED, f"a valid {API_KEY_HEADER} header is required", None, status=401)
     return key
 

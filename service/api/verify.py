@@ -20,8 +20,9 @@ from service.api import deps
 from service.api.attempt import INTERNAL, VerifyAttempt
 from service.api.schemas import AUTH_ERRORS, VerifyAnswer, errors
 from service.api.verify_input import read_verify_input
-from service.errors import RATE_LIMITED, ApiError
+from service.errors import RATE_LIMITED, ApiError, database_unavailable
 from service.records import audit, retention
+from service.records.engine import is_outage
 
 log = logging.getLogger("idverify.verify")
 router = APIRouter()
@@ -66,9 +67,13 @@ async def verify(request: Request) -> JSONResponse:
 
     try:
         await run_in_threadpool(write_audit, state.engine, state.image_cipher, state.settings, attempt, models)
-    except Exception:  # noqa: BLE001 - without its audit record, no answer may be given
-        log.exception("audit write for %s failed", attempt.request_id)
-        attempt.failed(ApiError(INTERNAL, "the audit record could not be written", None, status=500))
+    except Exception as exc:  # noqa: BLE001 - without its audit record, no answer may be given
+        if is_outage(exc):
+            log.warning("audit write for %s failed: database unavailable", attempt.request_id)
+            attempt.failed(database_unavailable())
+        else:
+            log.exception("audit write for %s failed", attempt.request_id)
+            attempt.failed(ApiError(INTERNAL, "the audit record could not be written", None, status=500))
 
     request.state.outcome = attempt.outcome
     status, body, headers = attempt.answer(models)
@@ -85,6 +90,8 @@ def _rate_limit(limiter, key_id: int) -> None:
 
 
 def write_audit(engine, cipher, settings, attempt: VerifyAttempt, models) -> None:
-    """The call's audit record (committed), then its images when IDV_RETAIN_IMAGES is on."""
+    """The call's audit record (committed), then, when IDV_RETAIN_IMAGES is on, its images that
+    passed decoding (detection ran on them): refused uploads are never stored."""
     audit.append(engine, **attempt.audit_columns(models))
-    retention.retain_request(engine, cipher, settings, attempt.request_id, attempt.input)
+    decoded = {f for f, side in attempt.sides.items() if side is not None and side.faces_seen is not None}
+    retention.retain_request(engine, cipher, settings, attempt.request_id, attempt.input, decoded)

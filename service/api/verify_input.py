@@ -79,8 +79,23 @@ async def capped_stream(request: Request, max_bytes: int) -> AsyncIterator[bytes
         yield chunk
 
 
+class _Utf8MultiPartParser(MultiPartParser):
+    """Text fields must be UTF-8 (Starlette would fall back to Latin-1 and store garbage)."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode("utf-8")
+            except UnicodeDecodeError:
+                name = part.field_name if part.field_name in TEXT_FIELDS else None
+                raise ApiError(INVALID_REQUEST, f"the form field {part.field_name[:64]!r} is not valid UTF-8",
+                               name) from None
+        super().on_part_end()
+
+
 async def _read_multipart(request: Request, body: AsyncIterator[bytes]) -> dict:
-    parser = MultiPartParser(request.headers, body, max_files=len(PHOTO_FIELDS), max_fields=16,
+    parser = _Utf8MultiPartParser(request.headers, body, max_files=len(PHOTO_FIELDS), max_fields=16,
                              max_part_size=16 * 1024)
     try:
         form = await parser.parse()

@@ -1,8 +1,8 @@
-"""Retained images as the console shows them: decoded the way the pipeline decoded them (so the
-audited face box lands on the face), the box drawn, scaled down, re-encoded as JPEG."""
+"""Retained images as the console shows them: decoded by the pipeline's own bounded decoder
+(service.face.decode: the same caps, header checks, reduced decoding and decode slots, so the
+audited face box lands on the face and a hostile upload costs the console no more than /verify),
+the box drawn, scaled down, re-encoded as JPEG. What that decoder refuses is not shown."""
 from __future__ import annotations
-
-import io
 
 import cv2
 import numpy as np
@@ -11,24 +11,14 @@ MAX_SIDE = 640
 BOX_COLOUR = (0, 230, 64)    # RGB, a bright green that stands out on skin and backgrounds
 
 
-def _decode(data: bytes, field: str, settings) -> np.ndarray:
-    try:
-        from service.face.decode import decode_image
-
-        return decode_image(data, field, settings)
-    except Exception:  # noqa: BLE001 - fall back to PIL (e.g. an image the pipeline refused)
-        from PIL import Image, ImageOps
-
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-
-
 def annotated_jpeg(data: bytes, box, field: str, settings, max_side: int = MAX_SIDE) -> bytes:
     """JPEG bytes of the image with `box` ([x1, y1, x2, y2] in image pixels) drawn.
     ValueError when the image cannot be decoded at all."""
+    from service.face.decode import decode_image
+
     try:
-        rgb = _decode(data, field, settings)
-    except Exception as exc:  # noqa: BLE001
+        rgb = decode_image(data, field, settings)
+    except Exception as exc:  # noqa: BLE001 - refused or undecodable: never decoded another way
         raise ValueError("the retained image cannot be decoded") from exc
     h, w = rgb.shape[:2]
     scale = min(1.0, max_side / max(h, w))

@@ -59,7 +59,8 @@ async def key_create(request: Request) -> Response:
         return await run_in_threadpool(_page, request, principal, 400,
                                        error=f"Choose a role ({', '.join(keys.ROLES)}) and a name of 1 to "
                                              f"{NAME_MAX} printable characters.")
-    key, plaintext = await run_in_threadpool(keys.create_key, request.app.state.engine, role, name)
+    key, plaintext = await run_in_threadpool(keys.create_key, request.app.state.engine, role, name,
+                                             pepper=request.app.state.settings.key_pepper)
     log.info("console: key %d (%s) created by key %d", key.id, key.role, principal.key_id)
     return await run_in_threadpool(_page, request, principal, 200,
                                    created={"id": key.id, "role": key.role, "name": key.name, "key": plaintext})
@@ -73,7 +74,7 @@ async def key_revoke(key_id: str, request: Request) -> Response:
     if (refused := _refused(request, principal)) is not None:
         return refused
     try:
-        key = await run_in_threadpool(keys.revoke_key, request.app.state.engine, int(key_id)) \
+        key = await run_in_threadpool(keys.revoke_key, request.app.state.engine, int(key_id), True) \
             if key_id.isdigit() and len(key_id) < 12 else None
     except (ValueError, ApiError) as exc:  # a rule of keys.revoke_key (e.g. the last active admin key)
         return await run_in_threadpool(_page, request, principal, 409, error=f"Not revoked: {exc}")

@@ -210,10 +210,21 @@ async def login(request: Request) -> Response:
     plaintext = form.get("key")
     state = _state(request)
     key: ApiKey | None = None
+    idents = state.auth_throttle.idents(request.client.host if request.client else None,
+                                        plaintext.strip() if isinstance(plaintext, str) else None)
+    wait = state.auth_throttle.wait(idents)
+    if wait:
+        del plaintext
+        log.info("console sign-in throttled")
+        response = _login_page(request, 429, f"Too many failed sign-ins. Try again in {max(1, round(wait))} s.",
+                               form.get("next"))
+        response.headers["Retry-After"] = str(max(1, round(wait + 0.5)))
+        return response
     if isinstance(plaintext, str) and 0 < len(plaintext) <= 512:
-        key = await run_in_threadpool(keys.lookup, state.engine, plaintext.strip())
+        key = await run_in_threadpool(keys.lookup, state.engine, plaintext.strip(), state.settings.key_pepper)
     del plaintext
     if key is None:
+        state.auth_throttle.failed(idents)
         log.info("console sign-in refused: unknown or revoked key")
         return _login_page(request, 401, "That key is not valid (unknown or revoked).", form.get("next"))
     if not sessions.may_sign_in(key):

@@ -58,7 +58,9 @@ def parse_filters(params: Mapping[str, str], default_since: datetime | None = No
         else:
             errors.append(f"decision: one of {', '.join(DECISIONS)}")
     for name in ("device_id", "reference", "error_code"):
-        if raw[name]:
+        if "\x00" in raw[name]:
+            errors.append(f"{name}: contains a NUL byte")
+        elif raw[name]:
             setattr(flt, name, raw[name][:256])
     for name in ("min_score", "max_score"):
         if raw[name]:
@@ -189,6 +191,9 @@ def overview(engine: Engine, flt: AuditFilter, now: datetime | None = None) -> O
         rows = [(utc(t), d, sc, th, e, lat) for t, d, sc, th, e, lat in s.execute(stmt)]
     start = utc(flt.since) if flt.since else (rows[0][0] if rows else now - timedelta(days=1))
     end = utc(flt.until) if flt.until else now
+    # the chart's window: filters may reach the ends of datetime's range (records cannot)
+    lo, hi = datetime(1970, 1, 1, tzinfo=timezone.utc), now + timedelta(days=1)
+    start, end = min(max(start, lo), hi), min(max(end, lo), hi)
     if end <= start:
         end = start + timedelta(hours=1)
     span = end - start

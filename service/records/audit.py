@@ -26,6 +26,7 @@ from service.records.engine import read_session, write_session
 from service.records.tables import AuditRecord
 
 GENESIS = "0" * 64
+MAX_SEQ = 2**63 - 1   # BIGINT
 # pg_advisory_xact_lock key for chain appends (any constant unique to this purpose)
 CHAIN_LOCK_ID = 0x1D5E_A0D1
 # Fields covered by record_hash. The image-retention columns are deliberately not.
@@ -60,8 +61,15 @@ def jsonable(value: Any) -> Any:
 
 
 def utc(dt: datetime) -> datetime:
-    """SQLite hands datetimes back naive (they were stored as UTC); PostgreSQL aware."""
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+    """SQLite hands datetimes back naive (they were stored as UTC); PostgreSQL aware. A time whose
+    UTC equivalent falls outside datetime's range (0001-01-01T00:00+01:00) is clamped to the
+    range's end."""
+    if dt.tzinfo is None:
+        return dt.replace(tzinfo=timezone.utc)
+    try:
+        return dt.astimezone(timezone.utc)
+    except OverflowError:
+        return (datetime.min if dt.year == datetime.min.year else datetime.max).replace(tzinfo=timezone.utc)
 
 
 def _canonical_value(name: str, value: Any) -> Any:
@@ -156,7 +164,15 @@ def to_public(record: AuditRecord) -> dict:
     }
 
 
+def plausible_id(record_id: str) -> bool:
+    """Could this be a record id (a UUID string)? NUL bytes never reach the database
+    (PostgreSQL refuses them in text)."""
+    return 0 < len(record_id) <= 36 and "\x00" not in record_id
+
+
 def get(engine: Engine, record_id: str) -> AuditRecord | None:
+    if not plausible_id(record_id):
+        return None
     with read_session(engine) as s:
         return s.get(AuditRecord, record_id)
 
@@ -171,6 +187,12 @@ class AuditFilter:
     error_code: str | None = None
     min_score: float | None = None
     max_score: float | None = None
+
+    TEXT_FIELDS = ("device_id", "reference", "error_code")
+
+    def invalid_fields(self) -> list[str]:
+        """Text filters no record can hold and the database must not see (NUL bytes)."""
+        return [name for name in self.TEXT_FIELDS if "\x00" in (getattr(self, name) or "")]
 
     def apply(self, stmt: Select) -> Select:
         R = AuditRecord
@@ -200,7 +222,7 @@ def decode_cursor(cursor: str) -> int:
         seq = json.loads(raw)["before"]
     except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
         raise ValueError("invalid cursor") from exc
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_SEQ:
         raise ValueError("invalid cursor")
     return seq
 

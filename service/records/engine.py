@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, exc as sa_exc, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -21,6 +21,13 @@ MIGRATIONS_DIR = ROOT / "migrations"
 log = logging.getLogger("idverify.db")
 
 _WRITE_LOCK = "idv_write_lock"
+# what an unreachable, restarting, read-only or locked database raises: answered 503
+# database_unavailable (service/app.py), never 500
+OUTAGE_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError)
+
+
+def is_outage(exc: BaseException) -> bool:
+    return isinstance(exc, OUTAGE_ERRORS) or (isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated)
 
 
 def normalise_url(url: str) -> str:
@@ -40,7 +47,10 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         _sqlite_transactions(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    # a restarting server must not hold callers for long: connect within 5 s, a pooled
+    # connection within 10 s, else 503 database_unavailable
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, pool_timeout=10,
+                         connect_args={"connect_timeout": 5})
 
 
 def _sqlite_transactions(engine: Engine) -> None:
@@ -85,21 +95,23 @@ def ping(engine: Engine) -> bool:
         return False
 
 
-def alembic_config(url: str | None = None):
+def alembic_config(url: str | None = None, key_pepper: str | None = None):
     from alembic.config import Config
 
     cfg = Config(str(MIGRATIONS_DIR / "alembic.ini"))
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     if url:
         cfg.attributes["database_url"] = normalise_url(url)
+    if key_pepper is not None:
+        cfg.attributes["key_pepper"] = key_pepper   # else migration 0003 reads IDV_KEY_PEPPER
     return cfg
 
 
-def migrate(url: str, revision: str = "head") -> None:
+def migrate(url: str, revision: str = "head", key_pepper: str | None = None) -> None:
     """Apply the Alembic migrations (works from any working directory)."""
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    command.upgrade(alembic_config(url, key_pepper), revision)
 
 
 def register(sub) -> None:

@@ -1,10 +1,14 @@
 """API keys: creation, hashing, lookup, roles; `idverify keys create|list|revoke`.
 
-A key is 32 random bytes (urlsafe base64) behind a short `idv_` tag. Only its SHA-256 is
-stored; a request's key is hashed and looked up by that hash (an indexed equality on a
-digest of a high-entropy secret, so the lookup leaks nothing useful about the key), then the
-digests are compared in constant time. The first characters are kept as a non-secret prefix
-so operators can tell keys apart.
+A key is 32 random bytes (urlsafe base64) behind a short `idv_` tag. What is stored is
+HMAC-SHA256(IDV_KEY_PEPPER, SHA-256 hex of the key): a copy of the table alone is no use for
+testing guesses (short bootstrap keys included) without the pepper, which lives only in the
+service's environment. Migration 0003 turned the SHA-256 digests stored before into these in
+place; changing the pepper invalidates every key. Without a pepper (the embedded default) the
+HMAC key is empty and the service warns at start-up. A request's key is hashed and looked up
+by that digest (an indexed equality), then the digests are compared in constant time. The
+first characters are kept as a non-secret prefix so operators can tell keys apart. The last
+active admin key cannot be revoked through the API or the CLI.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ PERMISSIONS = {
 }
 KEY_TAG = "idv_"
 PREFIX_LEN = 12
-MIN_BOOTSTRAP_LEN = 24
+MIN_BOOTSTRAP_LEN = 32
+MAX_KEY_ID = 2**31 - 1   # api_keys.id is an INTEGER
 log = logging.getLogger("idverify.keys")
 
 
@@ -37,8 +42,17 @@ def generate_key() -> str:
     return KEY_TAG + secrets.token_urlsafe(32)
 
 
-def hash_key(plaintext: str) -> str:
-    return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
+class LastAdminKey(ValueError):
+    """Revoking this key would leave no active admin key."""
+
+
+def pepper_hash(pepper: str | None, sha256_hex: str) -> str:
+    """HMAC-SHA256 under the pepper of a key's SHA-256 hex (what migration 0003 computes)."""
+    return hmac.new((pepper or "").encode("utf-8"), sha256_hex.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def hash_key(plaintext: str, pepper: str | None = None) -> str:
+    return pepper_hash(pepper, hashlib.sha256(plaintext.encode("utf-8")).hexdigest())
 
 
 def display_prefix(plaintext: str) -> str:
@@ -61,11 +75,12 @@ def public(key: ApiKey) -> dict:
     }
 
 
-def create_key(engine: Engine, role: str, name: str, plaintext: str | None = None) -> tuple[ApiKey, str]:
+def create_key(engine: Engine, role: str, name: str, plaintext: str | None = None,
+               pepper: str | None = None) -> tuple[ApiKey, str]:
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     plaintext = plaintext or generate_key()
-    key = ApiKey(name=name, role=role, prefix=display_prefix(plaintext), key_hash=hash_key(plaintext),
+    key = ApiKey(name=name, role=role, prefix=display_prefix(plaintext), key_hash=hash_key(plaintext, pepper),
                  created_at=datetime.now(timezone.utc))
     with write_session(engine) as s:
         s.add(key)
@@ -77,20 +92,30 @@ def list_keys(engine: Engine) -> list[ApiKey]:
         return list(s.scalars(select(ApiKey).order_by(ApiKey.id)))
 
 
-def revoke_key(engine: Engine, key_id: int) -> ApiKey | None:
-    """Mark the key revoked (rows stay: audit records refer to them). None if unknown."""
+def revoke_key(engine: Engine, key_id: int, keep_last_admin: bool = False) -> ApiKey | None:
+    """Mark the key revoked (rows stay: audit records refer to them). None if unknown. With
+    `keep_last_admin` (the API, the CLI), LastAdminKey when it is the only active admin key:
+    the active admin rows are locked (FOR UPDATE; SQLite: the write lock) so two admins
+    revoking each other at once cannot both succeed."""
+    if not 1 <= key_id <= MAX_KEY_ID:
+        return None
     with write_session(engine) as s:
         key = s.get(ApiKey, key_id)
+        if keep_last_admin and key is not None and key.role == "admin" and key.revoked_at is None:
+            admins = s.scalars(select(ApiKey.id).where(ApiKey.role == "admin", ApiKey.revoked_at.is_(None))
+                               .with_for_update()).all()
+            if set(admins) <= {key_id}:
+                raise LastAdminKey("this is the last active admin key; create another admin key first")
         if key is not None and key.revoked_at is None:
             key.revoked_at = datetime.now(timezone.utc)
         return key
 
 
-def lookup(engine: Engine, plaintext: str | None) -> ApiKey | None:
+def lookup(engine: Engine, plaintext: str | None, pepper: str | None = None) -> ApiKey | None:
     """The active key for this plaintext, or None."""
     if not plaintext:
         return None
-    digest = hash_key(plaintext)
+    digest = hash_key(plaintext, pepper)
     with read_session(engine) as s:
         key = s.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
     if key is None or key.revoked_at is not None or not hmac.compare_digest(key.key_hash, digest):
@@ -98,15 +123,16 @@ def lookup(engine: Engine, plaintext: str | None) -> ApiKey | None:
     return key
 
 
-def ensure_bootstrap_admin(engine: Engine, plaintext: str | None) -> ApiKey | None:
+def ensure_bootstrap_admin(engine: Engine, plaintext: str | None, pepper: str | None = None) -> ApiKey | None:
     """IDV_BOOTSTRAP_ADMIN_KEY: create that admin key unless a key with that value exists
-    (revoked or not: a revoked bootstrap key stays revoked). Returns the key if created."""
+    (revoked or not: a revoked bootstrap key stays revoked). Returns the key if created.
+    ValueError (the service refuses to start) when it is shorter than MIN_BOOTSTRAP_LEN."""
     if not plaintext:
         return None
     if len(plaintext) < MIN_BOOTSTRAP_LEN:
-        log.warning("IDV_BOOTSTRAP_ADMIN_KEY is shorter than %d characters: use a long random value",
-                    MIN_BOOTSTRAP_LEN)
-    digest = hash_key(plaintext)
+        raise ValueError(f"IDV_BOOTSTRAP_ADMIN_KEY must be at least {MIN_BOOTSTRAP_LEN} characters "
+                         "(e.g. `openssl rand -hex 32`)")
+    digest = hash_key(plaintext, pepper)
     try:
         with write_session(engine) as s:
             if s.scalars(select(ApiKey.id).where(ApiKey.key_hash == digest)).first() is not None:
@@ -144,8 +170,10 @@ def _engine(args) -> Engine:
 
 
 def _cmd_create(args) -> int:
+    from service.settings import get_settings
+
     engine = _engine(args)
-    key, plaintext = create_key(engine, args.role, args.name)
+    key, plaintext = create_key(engine, args.role, args.name, pepper=get_settings().key_pepper)
     print(f"created key {key.id} ({key.role}, {key.name!r}); store it now, it is not shown again:")
     print(plaintext)
     return 0
@@ -161,7 +189,11 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_revoke(args) -> int:
-    key = revoke_key(_engine(args), args.id)
+    try:
+        key = revoke_key(_engine(args), args.id, keep_last_admin=True)
+    except LastAdminKey as exc:
+        print(str(exc))
+        return 1
     if key is None:
         print(f"no key with id {args.id}")
         return 1

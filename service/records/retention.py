@@ -1,7 +1,7 @@
 """Optional image retention: both photos of a /verify call, encrypted at rest; `idverify audit purge`.
 
-Off by default. With IDV_RETAIN_IMAGES=true every /verify call whose body was read stores its two
-uploads in `retained_images` (audit id, side, ciphertext, created_at), encrypted with
+Off by default. With IDV_RETAIN_IMAGES=true a /verify call stores the uploads that passed decoding
+(what the pipeline could not or would not decode is never kept) in `retained_images` (audit id, side, ciphertext, created_at), encrypted with
 AES-256-GCM under IDV_IMAGE_KEY (urlsafe base64 of 32 bytes, e.g. the output of
 `idverify audit image-key`). Each blob is bound to its record and side (they are the GCM
 associated data), so a blob copied onto another record does not decrypt. The service refuses to
@@ -108,14 +108,15 @@ def store(engine: Engine, cipher: ImageCipher, audit_id: str, images: dict[str, 
                   .values(images_retained=True, retain_until=now + timedelta(days=retention_days)))
 
 
-def retain_request(engine: Engine, cipher: ImageCipher | None, settings, audit_id: str, inp) -> None:
-    """Called by /verify after its audit record is committed: store the request's two uploads
-    when retention is on. A failure is logged, not raised (the record then says
-    images_retained = false); the answer still goes out."""
+def retain_request(engine: Engine, cipher: ImageCipher | None, settings, audit_id: str, inp,
+                   decoded: set[str] | None = None) -> None:
+    """Called by /verify after its audit record is committed: store the request's uploads named
+    in `decoded` (the fields that passed decoding; None = both) when retention is on. A failure
+    is logged, not raised (the record then says images_retained = false); the answer still goes out."""
     if not settings.retain_images or inp is None:
         return
     try:
-        images = {side: getattr(inp, field) for field, side in SIDES.items()}
+        images = {side: getattr(inp, field) for field, side in SIDES.items() if decoded is None or field in decoded}
         store(engine, cipher, audit_id, images, settings.retention_days)
     except Exception:  # noqa: BLE001 - retention must not turn a verified answer into an error
         log.exception("could not retain the images of %s", audit_id)

@@ -1,11 +1,11 @@
-"""Image retention (IDV_RETAIN_IMAGES): both uploads of a /verify call stored AES-256-GCM
+"""Image retention (IDV_RETAIN_IMAGES): the uploads of a /verify call that passed decoding stored AES-256-GCM
 encrypted in retained_images, unreadable without IDV_IMAGE_KEY, shown (decrypted server-side,
 face box drawn) in the console, and deleted by `idverify audit purge` past the retention period
 while records, hashes and the chain stay intact. Runs on SQLite and PostgreSQL.
 
 /verify is driven through the real app with insightface's bundled photos; with the real models
 when they load (a decision with face boxes), else the app runs without models and the call ends
-as a `not_ready` rejection, which is audited and retained just the same."""
+as a `not_ready` rejection, which is audited (its images, never decoded, are not retained)."""
 from __future__ import annotations
 
 import base64
@@ -170,6 +170,53 @@ def test_console_shows_the_retained_images_with_their_boxes(retaining_client, en
     other = retaining_client(image_key=retention.generate_key())
     sign_in(other, role_keys["operator"])
     assert other.get(f"/console/records/{audit_id}/images/id").status_code == 409
+
+
+def test_only_uploads_that_passed_decoding_are_retained(retaining_client, engine, role_keys, photos):
+    """Issue 12: refused uploads (415 TIFF, 413 bomb) were stored anyway."""
+    import io
+
+    from PIL import Image
+
+    import hostile_images
+
+    client = retaining_client()
+    tiff = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(tiff, "TIFF")
+    cases = [(photos["id"], tiff.getvalue(), {"id"}),                       # live refused (415)
+             (hostile_images.png16_grey(), photos["live"], set()),           # id refused (413), live never read
+             (photos["id"], hostile_images.j2k_tiles(), {"id"})]             # live refused (400)
+    for id_photo, live_photo, kept in cases:
+        r = client.post("/verify", headers={"X-API-Key": role_keys["kiosk"]},
+                        files={"id_photo": ("a", id_photo, "image/png"), "live_photo": ("b", live_photo, "image/png")})
+        assert 400 <= r.status_code < 500, r.text
+        audit_id = r.headers["X-Request-ID"]
+        assert set(_blobs(engine, audit_id)) == kept
+        assert audit.get(engine, audit_id).images_retained is bool(kept)
+
+
+def test_console_shows_retained_images_only_through_the_bounded_decoder(retaining_client, engine, role_keys):
+    """Issue 12: images kept before the fix (a 40 MP 16-bit PNG, a TIFF) were decoded by the console
+    with no limits. Now they are refused by the pipeline's decoder, from their header."""
+    import io
+    import time
+
+    from PIL import Image
+
+    import hostile_images
+
+    client = retaining_client()
+    sign_in(client, role_keys["operator"])
+    tiff = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(tiff, "TIFF")
+    audit_id = "11111111-1111-1111-1111-111111111111"
+    audit.append(engine, id=audit_id, decision="rejected", latency_ms=1.0)
+    retention.store(engine, retention.ImageCipher(KEY), audit_id,
+                    {"id": tiff.getvalue(), "live": hostile_images.png16_grey()}, 30)
+    for side in ("id", "live"):
+        t0 = time.perf_counter()
+        r = client.get(f"/console/records/{audit_id}/images/{side}")
+        assert r.status_code == 422 and time.perf_counter() - t0 < 2.0
 
 
 # --- purge ------------------------------------------------------------------------------------

@@ -1,0 +1,112 @@
+"""ASGI middleware every answer passes through (issue 12):
+
+- `SecurityHeaders`: `Cache-Control: no-store` and `X-Content-Type-Options: nosniff` on every
+  answer that does not set its own (console static files keep their caching, get nosniff).
+- `BodyDeadline`: the request body must arrive within `settings.body_timeout_seconds` of the
+  request's start, or the route reading it gets 408 `request_timeout` (a slow-drip body can no
+  longer hold a worker). Only while the body is incomplete: later receives (a streaming answer
+  listening for the client going away) are passed through.
+- `CatchAll`: an exception no handler took becomes the 500 `internal_error` envelope with an
+  `X-Request-ID` (logged with it), and the connection stays usable: Starlette's own last-resort
+  handler re-raises, which makes the server drop the connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+from service.errors import ApiError
+
+log = logging.getLogger("idverify.app")
+REQUEST_TIMEOUT = "request_timeout"
+
+
+class SecurityHeaders:
+    def __init__(self, app, static_prefix: str = "/console/static") -> None:
+        self.app = app
+        self.static_prefix = static_prefix
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        static = scope.get("path", "").startswith(self.static_prefix)
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                if b"x-content-type-options" not in names:
+                    headers.append((b"x-content-type-options", b"nosniff"))
+                if b"cache-control" not in names and not static:
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class BodyDeadline:
+    def __init__(self, app, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not self.seconds or self.seconds <= 0:
+            await self.app(scope, receive, send)
+            return
+        deadline = time.monotonic() + self.seconds
+        body_done = False
+
+        async def receive_by_deadline():
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise ApiError(REQUEST_TIMEOUT, f"the request body did not arrive within {self.seconds:g} s",
+                               None, status=408) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        await self.app(scope, receive_by_deadline, send)
+
+
+def error_body(code: str, message: str) -> bytes:
+    return json.dumps(ApiError(code, message).to_dict()).encode()
+
+
+class CatchAll:
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - the last resort: an envelope, not a dropped connection
+            request_id = str(uuid.uuid4())
+            log.error("unhandled error on %s %s (request %s)", scope.get("method"), scope.get("path"), request_id,
+                      exc_info=exc)
+            if started:  # too late for an answer of our own: the server ends the connection
+                raise
+            body = error_body("internal_error", "internal error; quote the request id to support")
+            await send({"type": "http.response.start", "status": 500, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", request_id.encode())]})
+            await send({"type": "http.response.body", "body": body})
