@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Writes an env file for docker-compose.yml from .env.example, filling each empty secret
-# (POSTGRES_PASSWORD, IDV_BOOTSTRAP_ADMIN_KEY, IDV_IMAGE_KEY) with a fresh random value, so no
+# (POSTGRES_PASSWORD, IDV_BOOTSTRAP_ADMIN_KEY, IDV_IMAGE_KEY, IDV_KEY_PEPPER) with a fresh random value, so no
 # secret is typed on a command line. Never overwrites: an existing file is left as it is.
 #   docker/make-env.sh [OUT]            # OUT defaults to .env beside docker-compose.yml
 #   KEY=VALUE ... docker/make-env.sh    # other settings from .env.example, taken from the environment
@@ -20,6 +20,7 @@ while IFS= read -r line || [ -n "$line" ]; do
         POSTGRES_PASSWORD=) line="POSTGRES_PASSWORD=$(hex 24)" ;;
         IDV_BOOTSTRAP_ADMIN_KEY=) line="IDV_BOOTSTRAP_ADMIN_KEY=$(hex 32)" ;;
         IDV_IMAGE_KEY=) line="IDV_IMAGE_KEY=$(urlsafe_b64 32)" ;;
+        IDV_KEY_PEPPER=) line="IDV_KEY_PEPPER=$(hex 32)" ;;
         [A-Z]*=*)
             key="${line%%=*}"
             if [ -n "${!key+set}" ]; then line="$key=${!key}"; fi ;;
