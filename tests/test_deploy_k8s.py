@@ -347,7 +347,7 @@ def test_env_is_idv_settings_from_configmap_and_secret(rendered):
 def test_secret_is_a_template_kept_out_of_kustomizations(rendered):
     secret = _load(DEPLOY / "secret.example.yaml")[0]
     assert secret["kind"] == "Secret" and secret["type"] == "Opaque" and "data" not in secret
-    assert set(secret["stringData"]) == {"database-url", "bootstrap-admin-key", "image-key"}
+    assert set(secret["stringData"]) == {"database-url", "bootstrap-admin-key", "image-key", "key-pepper"}
     assert all("CHANGE-ME" in value for value in secret["stringData"].values())
     for res in rendered.values():
         assert not [k for k in res if k[0] == "Secret"], "a kustomization would overwrite the real Secret"
