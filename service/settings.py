@@ -20,7 +20,8 @@ class Settings(BaseSettings):
     bootstrap_admin_key: str | None = None
 
     models_dir: Path = ROOT / "models" / "repository"
-    detector_version: str = "1"     # version folder of models/repository/mtcnn/ ("current" = its CURRENT file)
+    detector: str = "mtcnn"         # mtcnn | yunet: the detector's model name in the repository
+    detector_version: str = "1"     # version folder of models/repository/<detector>/ ("current" = its CURRENT file)
     towers: str = "towers"          # model name in the repository
     tower_version: str = "current"  # version folder, or "current" = the one named in models/repository/towers/CURRENT
     onnx_threads: int = 0           # 0 = onnxruntime's default
