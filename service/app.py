@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import threads
 from service.api import openapi
 from service.records import keys
 from service.records.engine import make_engine, schema_is_current
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
             raise RuntimeError("the database schema is not at the latest migration: run `idverify migrate`")
         if await run_in_threadpool(keys.ensure_bootstrap_admin, engine, settings.bootstrap_admin_key):
             log.info("created the bootstrap admin key")
+        log.info("threads: %s", {**threads.configure_process(settings), **threads.configure_event_loop(settings)})
         if app.state.models is None:
             app.state.models = await run_in_threadpool(load_models, settings)
         try:
@@ -123,6 +125,9 @@ def _cmd_serve(args) -> int:
 
     settings = get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
+    n = threads.workers(settings)   # several: each worker process builds its own app (and models)
+    log.info("serving with %s", threads.describe(settings))
+    uvicorn.run(create_app(settings) if n == 1 else "service.app:create_app", factory=n > 1, workers=n,
+                host=args.host or settings.host, port=args.port or settings.port,
                 log_level="info", timeout_graceful_shutdown=10)
     return 0
