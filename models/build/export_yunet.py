@@ -130,7 +130,7 @@ def frame_of(img: np.ndarray) -> np.ndarray:
 def detector(model_bytes: bytes, threads: int = 1):
     """Our YuNetDetector on a graph in memory, at native resolution (no rescaling)."""
     from service.face.yunet import YuNetDetector
-    from models.build.export_sface import session
+    from models.build.sface_checks import session
 
     return YuNetDetector(session(model_bytes, threads), max_side=10_000, min_side=1, **DEFAULTS)
 
