@@ -20,13 +20,13 @@ class Settings(BaseSettings):
     bootstrap_admin_key: str | None = None
 
     models_dir: Path = ROOT / "models" / "repository"
-    detector: str = "mtcnn"         # mtcnn | yunet: the detector's model name in the repository
+    detector: str = "yunet"         # yunet | mtcnn: the detector's model name in the repository (docs/benchmarks.md)
     detector_version: str = "1"     # version folder of models/repository/<detector>/ ("current" = its CURRENT file)
     towers: str = "towers"          # model name in the repository
     tower_version: str = "current"  # version folder, or "current" = the one named in models/repository/towers/CURRENT
-    onnx_threads: int = 0           # intra-op threads per session; 0 = cores / workers (service/threads.py)
+    onnx_threads: int = 0           # intra-op threads per session; 0 = 1 (service/threads.py)
     # thread and worker model (docs/benchmarks.md "Threads and workers"): 0 = sized from the cores
-    workers: int = 1                # uvicorn worker processes of `idverify serve`
+    workers: int = 0                # uvicorn worker processes of `idverify serve` (0 = one per 2 cores)
     cv2_threads: int = 1            # cv2.setNumThreads in the API process (1 = none; -1 = OpenCV's default)
     threadpool_size: int = 0        # anyio worker threads running the pipeline (0 = anyio's default, 40)
     # tower calls: micro-batching of concurrent requests, and where the towers run

@@ -9,8 +9,9 @@ here: parallelism comes from *requests* (worker processes x concurrent requests)
 splitting one small graph across cores, so
 
 * `IDV_WORKERS` uvicorn processes (0 = one per 2 cores, at least 1);
-* `IDV_ONNX_THREADS` per session (0 = cores / workers, at least 1: together the workers use
-  each core once);
+* `IDV_ONNX_THREADS` per session (0 = 1);
+* a /verify analyses its two photos at once, in two threads (service/api/verify.py), so a lone
+  request still uses two cores;
 * `IDV_CV2_THREADS` for OpenCV (1 = none of its own; -1 = OpenCV's default, one per core);
 * `IDV_THREADPOOL_SIZE` anyio threads (0 = anyio's default of 40): the bound on requests
   analysed at once in one worker; more wait for a thread.
@@ -18,28 +19,40 @@ splitting one small graph across cores, so
 from __future__ import annotations
 
 import logging
+import math
 import os
+from pathlib import Path
 
 log = logging.getLogger("idverify.threads")
 
 
-def cores() -> int:
-    """CPUs this process may run on (the container's cpuset, not the host's count)."""
+def cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity (cpuset), capped by the cgroup v2 CPU quota (a
+    Kubernetes CPU limit is a quota, not a cpuset: a 2-CPU pod on a 64-core node sees 64)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        n = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
 
 
 def workers(settings) -> int:
+    """uvicorn worker processes: the setting, or one per 2 cores (each worker keeps about 2 cores
+    busy with its concurrent requests before the GIL-bound parts of a request limit it)."""
     return settings.workers if settings.workers > 0 else max(1, cores() // 2)
 
 
 def onnx_threads(settings) -> int:
-    """Intra-op threads per ONNX Runtime session: the setting, or cores shared by the workers."""
-    if settings.onnx_threads > 0:
-        return settings.onnx_threads
-    return max(1, cores() // workers(settings))
+    """Intra-op threads per ONNX Runtime session: the setting, or 1 (the graphs are small: a
+    second thread per call cost ~6-10 % more CPU per pair on 2 cores for little latency, and a
+    lone request already uses two cores through its two sides)."""
+    return settings.onnx_threads if settings.onnx_threads > 0 else 1
 
 
 def configure_process(settings) -> dict:

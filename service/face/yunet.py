@@ -19,8 +19,10 @@ own points differ from MTCNN's by ~10 % of the eye distance per face (mostly sca
 constant offset), which cost 3-4 points of TAR at FAR 1e-3 on LFW-IvS. So, when the manifest
 names a `landmark_refiner` (MTCNN's O-Net, from models/repository/mtcnn/<version>/, checked
 against that manifest), each YuNet box is squared, cropped to 48x48 and given to O-Net, whose
-five points replace YuNet's (within ~3 % of the full MTCNN cascade's; one small graph call
-per face instead of the cascade's pyramid). Box and score stay YuNet's.
+five points and regressed box replace YuNet's (points within ~3 % of the full MTCNN
+cascade's; one small graph call per face instead of the cascade's pyramid), so the box sizes
+that IDV_MIN_FACE_PX and the quality flags were set on keep MTCNN's scale. The score stays
+YuNet's.
 The image is padded (zeros, bottom and right) to the next multiple of 32, as FaceDetectorYN
 does. Before that it is rescaled like the MTCNN detector: down so the longer side is at most
 `max_side`, up so the shorter side is at least `min_side` (small chip photos); results are
@@ -35,7 +37,7 @@ import cv2
 import numpy as np
 
 from service.face.artifacts import ArtifactError, load_manifest, verify_file
-from service.face.detect import DetectorArtifactError, Face, crop_batch, nms, square
+from service.face.detect import DetectorArtifactError, Face, crop_batch, nms, regress, square
 from service.runtime import make_session
 
 STRIDES = (8, 16, 32)
@@ -136,17 +138,18 @@ class YuNetDetector:
         keep = nms(boxes, scores, self.nms_threshold)[:self.top_k]
         boxes, scores, points = boxes[keep], scores[keep], points[keep]
         if self.refiner is not None and len(boxes):
-            points = self.refine(img, boxes)
+            boxes, points = self.refine(img, boxes)
         return boxes, scores, points
 
-    def refine(self, img: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """O-Net's five points for each box (squared, rounded, cropped to 48x48 as MTCNN's last
-        stage crops), (K, 5, 2) in `img`'s coordinates."""
+    def refine(self, img: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """O-Net on each box (squared, rounded, cropped to 48x48 as MTCNN's last stage crops):
+        its regressed box and five points, (K, 4) and (K, 5, 2) in `img`'s coordinates."""
         sq = np.round(square(boxes)).astype(np.int64)
-        _prob, _reg, lm = self.refiner.run(None, {"image": crop_batch(img, sq, 48)})
+        _prob, reg, lm = self.refiner.run(None, {"image": crop_batch(img, sq, 48)})
         sq = sq.astype(np.float32)
         bw, bh = (sq[:, 2] - sq[:, 0])[:, None], (sq[:, 3] - sq[:, 1])[:, None]
-        return np.stack([sq[:, 0:1] + lm[:, 0:5] * bw, sq[:, 1:2] + lm[:, 5:10] * bh], axis=2).astype(np.float32)
+        points = np.stack([sq[:, 0:1] + lm[:, 0:5] * bw, sq[:, 1:2] + lm[:, 5:10] * bh], axis=2)
+        return regress(sq, reg).astype(np.float32), points.astype(np.float32)
 
     def detect(self, img: np.ndarray) -> list[Face]:
         """All faces in an RGB uint8 (H, W, 3) image, highest score first."""
