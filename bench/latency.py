@@ -130,7 +130,7 @@ def thread_info(pipeline, settings) -> str:
     import onnxruntime as ort
     sess = pipeline.towers.live.session
     so = sess.get_session_options()
-    return (f"IDV_ONNX_THREADS={settings.onnx_threads} (0 = onnxruntime default), session intra_op={so.intra_op_num_threads} "
+    return (f"IDV_ONNX_THREADS={settings.onnx_threads} (0 = service default, service/threads.py), session intra_op={so.intra_op_num_threads} "
             f"inter_op={so.inter_op_num_threads}, providers={sess.get_providers()}, onnxruntime {ort.__version__}, "
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, cv2 threads={cv2.getNumThreads()}")
 

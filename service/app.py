@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import threads
 from service.api import openapi
 from service.records import keys
 from service.records.engine import OUTAGE_ERRORS, make_engine, schema_is_current
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
             log.info("created the bootstrap admin key")
         if not settings.key_pepper:
             log.warning("IDV_KEY_PEPPER is not set: API keys are hashed without a server-side secret")
+        log.info("threads: %s", {**threads.configure_process(settings), **threads.configure_event_loop(settings)})
         if app.state.models is None:
             app.state.models = await run_in_threadpool(load_models, settings)
         try:
@@ -146,8 +148,19 @@ def _cmd_serve(args) -> int:
 
     settings = get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = uvicorn_config(create_app(settings), settings, host=args.host or settings.host,
-                            port=args.port or settings.port, log_level="info", timeout_graceful_shutdown=10)
-    install_log_throttle()   # uvicorn.Config has set up its loggers' handlers by now
-    uvicorn.Server(config).run()
+    n = threads.workers(settings)   # several: each worker process builds its own app (and models)
+    log.info("serving with %s", threads.describe(settings))
+    host, port = args.host or settings.host, args.port or settings.port
+    if n == 1:
+        config = uvicorn_config(create_app(settings), settings, host=host, port=port, log_level="info",
+                                timeout_graceful_shutdown=10)
+        install_log_throttle()   # uvicorn.Config has set up its loggers' handlers by now
+        uvicorn.Server(config).run()
+        return 0
+    from uvicorn.supervisors import Multiprocess
+    config = uvicorn_config("service.app:create_app", settings, factory=True, workers=n, host=host, port=port,
+                            log_level="info", timeout_graceful_shutdown=10)
+    install_log_throttle()
+    server = uvicorn.Server(config)
+    Multiprocess(config, target=server.run, sockets=[config.bind_socket()]).run()
     return 0

@@ -22,10 +22,20 @@ class Settings(BaseSettings):
     auth_failures_per_minute: int = 30   # wrong keys / sign-ins per client address and per key prefix, then 429
 
     models_dir: Path = ROOT / "models" / "repository"
-    detector_version: str = "1"     # version folder of models/repository/mtcnn/ ("current" = its CURRENT file)
+    detector: str = "yunet"         # yunet | mtcnn: the detector's model name in the repository (docs/benchmarks.md)
+    detector_version: str = "1"     # version folder of models/repository/<detector>/ ("current" = its CURRENT file)
     towers: str = "towers"          # model name in the repository
     tower_version: str = "current"  # version folder, or "current" = the one named in models/repository/towers/CURRENT
-    onnx_threads: int = 0           # 0 = onnxruntime's default
+    onnx_threads: int = 0           # intra-op threads per session; 0 = 1 (service/threads.py)
+    # thread and worker model (docs/benchmarks.md "Threads and workers"): 0 = sized from the cores
+    workers: int = 0                # uvicorn worker processes of `idverify serve` (0 = one per 2 cores)
+    cv2_threads: int = 1            # cv2.setNumThreads in the API process (1 = none; -1 = OpenCV's default)
+    threadpool_size: int = 0        # anyio worker threads running the pipeline (0 = anyio's default, 40)
+    # tower calls: micro-batching of concurrent requests, and where the towers run
+    batch_wait_ms: float = 0.0      # 0 = off; else a tower call waits up to this for others to join
+    batch_max: int = 16             # rows per batched tower call
+    tower_backend: str = "onnxruntime"  # onnxruntime | triton (IDV_TRITON_URL, models idverify_id/idverify_live)
+    triton_url: str = "127.0.0.1:8001"  # gRPC host:port of a Triton server
     providers: str = "auto"         # auto | cpu | cuda
 
     # decision: either a fixed score threshold, or a target FAR looked up in the calibration table

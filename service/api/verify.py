@@ -9,6 +9,7 @@ callers never get their uploads read or parsed.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -17,10 +18,11 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.api import deps
-from service.api.attempt import INTERNAL, VerifyAttempt
+from service.api.attempt import FIELDS, INTERNAL, VerifyAttempt
 from service.api.schemas import AUTH_ERRORS, VerifyAnswer, errors
 from service.api.verify_input import read_verify_input
 from service.errors import RATE_LIMITED, ApiError, database_unavailable
+from service.face.pipeline import Side
 from service.records import audit, retention
 from service.records.engine import is_outage
 
@@ -51,9 +53,7 @@ async def verify(request: Request) -> JSONResponse:
         _rate_limit(state.limiter, key.id)
         attempt.received(await read_verify_input(request, state.settings.max_request_bytes))
         models = deps.models(request)
-        for field in ("id_photo", "live_photo"):
-            await run_in_threadpool(models.pipeline.analyse, getattr(attempt.input, field), field,
-                                    attempt.timings, attempt.sides[field])
+        await _analyse_sides(models.pipeline, attempt)
         t0 = time.perf_counter()
         score = models.pipeline.compare(attempt.sides["id_photo"], attempt.sides["live_photo"])
         attempt.decided(score, models.threshold.decide(score), (time.perf_counter() - t0) * 1000.0)
@@ -78,6 +78,25 @@ async def verify(request: Request) -> JSONResponse:
     request.state.outcome = attempt.outcome
     status, body, headers = attempt.answer(models)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _analyse_sides(pipeline, attempt: VerifyAttempt) -> None:
+    """Both photos at once, in two worker threads: a lone request on 2+ cores takes the longer
+    side's time, not the sum (docs/benchmarks.md, "Threads and workers"). Stage timings are
+    summed over the sides, as when they ran in turn. The id photo's error wins, and leaves the
+    live side as if it had not been analysed (as when the id photo went first)."""
+    timings = {f: {} for f in FIELDS}
+    results = await asyncio.gather(*(run_in_threadpool(pipeline.analyse, getattr(attempt.input, f), f, timings[f],
+                                                       attempt.sides[f]) for f in FIELDS), return_exceptions=True)
+    for per_side in timings.values():
+        for stage, ms in per_side.items():
+            attempt.timings[stage] = attempt.timings.get(stage, 0.0) + ms
+    id_result, live_result = results
+    if isinstance(id_result, BaseException):
+        attempt.sides["live_photo"] = Side.of("live_photo", attempt.input.live_photo)
+        raise id_result
+    if isinstance(live_result, BaseException):
+        raise live_result
 
 
 def _rate_limit(limiter, key_id: int) -> None:

@@ -26,6 +26,9 @@ def annotated_jpeg(data: bytes, box, field: str, settings, max_side: int = MAX_S
         if scale < 1.0 else rgb.copy()
     if box and len(box) == 4 and all(v is not None for v in box):
         x1, y1, x2, y2 = (int(round(float(v) * scale)) for v in box)
+        # boxes are not clipped (a face cut by the frame keeps its extent): draw the part in view
+        x1, x2 = (min(max(v, 0), img.shape[1] - 1) for v in (x1, x2))
+        y1, y2 = (min(max(v, 0), img.shape[0] - 1) for v in (y1, y2))
         thickness = max(2, round(max(img.shape[:2]) / 200))
         cv2.rectangle(img, (x1, y1), (x2, y2), BOX_COLOUR, thickness)
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])

@@ -71,7 +71,10 @@ class Towers:
         return cal or []
 
 
-def load_towers(models_dir: Path, name: str, version: str, providers: list[str], threads: int = 0) -> Towers:
+def load_towers(models_dir: Path, name: str, version: str, providers: list[str], threads: int = 0,
+                make_tower=None) -> Towers:
+    """`make_tower(side, path, flip_average, chip_size)`: builds each side's tower instead of a
+    local ONNX Runtime session (the Triton backend); the files are checked all the same."""
     from service.face.embed import Tower
 
     folder = resolve_version(models_dir, name, version)
@@ -83,6 +86,10 @@ def load_towers(models_dir: Path, name: str, version: str, providers: list[str],
     if isinstance(manifest.get("calibration"), str):
         verify_file(folder, {"file": manifest["calibration"], "sha256": manifest["calibration_sha256"]})
     flip = bool((manifest.get("test_time") or {}).get("flip_average", False))
+    if make_tower is not None:
+        size = int(manifest["template"]["size"])
+        made = {side: make_tower(side, paths[side], flip, size) for side in ("id", "live")}
+        return Towers(id=made["id"], live=made["live"], manifest=manifest, folder=folder)
     sessions: dict[Path, Tower] = {}
     for p in paths.values():  # identical towers share one session
         if p not in sessions:

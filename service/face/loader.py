@@ -4,8 +4,9 @@ with the settings passed in.
     load_pipeline(settings)  -> Pipeline   what evaluation, training and the benchmarks run
     load_models(settings)    -> Models     the pipeline plus the decision threshold: what the API serves
 
-`IDV_DETECTOR_VERSION` and `IDV_TOWER_VERSION` name version folders of
-models/repository/mtcnn/ and models/repository/towers/ ("current" = the one CURRENT names).
+`IDV_DETECTOR` names the detector (`mtcnn` or `yunet`: the model folder in the repository and
+the class that runs it); `IDV_DETECTOR_VERSION` and `IDV_TOWER_VERSION` name version folders of
+models/repository/<detector>/ and models/repository/towers/ ("current" = the one CURRENT names).
 """
 from __future__ import annotations
 
@@ -13,20 +14,26 @@ import logging
 from dataclasses import dataclass
 
 from service.face.artifacts import load_towers, resolve_version
+from service.face.batcher import batched
 from service.face.decide import Threshold
 from service.face.detect import FaceDetector
+from service.face.yunet import YuNetDetector
 from service.face.pipeline import Pipeline
 from service.runtime import choose_providers
+from service.threads import onnx_threads
 from service.settings import Settings
 
 log = logging.getLogger("idverify.loader")
-DETECTOR = "mtcnn"   # model name of the detector in the repository
+DETECTORS = {"mtcnn": FaceDetector, "yunet": YuNetDetector}   # IDV_DETECTOR -> the class that runs it
 
 
-def load_detector(settings: Settings, providers: list[str] | None = None, threads: int | None = None) -> FaceDetector:
-    folder = resolve_version(settings.models_dir, DETECTOR, settings.detector_version)
-    return FaceDetector.from_dir(folder, providers=providers or choose_providers(settings.providers),
-                                 threads=settings.onnx_threads if threads is None else threads,
+def load_detector(settings: Settings, providers: list[str] | None = None,
+                  threads: int | None = None) -> FaceDetector | YuNetDetector:
+    if settings.detector not in DETECTORS:
+        raise ValueError(f"IDV_DETECTOR={settings.detector!r}: expected one of {sorted(DETECTORS)}")
+    folder = resolve_version(settings.models_dir, settings.detector, settings.detector_version)
+    return DETECTORS[settings.detector].from_dir(folder, providers=providers or choose_providers(settings.providers),
+                                 threads=onnx_threads(settings) if threads is None else threads,
                                  max_side=settings.detect_max_side, min_side=settings.detect_min_side)
 
 
@@ -34,7 +41,16 @@ def load_pipeline(settings: Settings) -> Pipeline:
     """Detector and towers, each file checked against its manifest; no decision threshold."""
     providers = choose_providers(settings.providers)
     detector = load_detector(settings, providers)
-    towers = load_towers(settings.models_dir, settings.towers, settings.tower_version, providers, settings.onnx_threads)
+    make_tower = None
+    if settings.tower_backend == "triton":
+        from service.face.triton import triton_factory   # tritonclient only when asked for
+
+        make_tower = triton_factory(settings.triton_url)
+    elif settings.tower_backend != "onnxruntime":
+        raise ValueError(f"IDV_TOWER_BACKEND={settings.tower_backend!r}: expected onnxruntime or triton")
+    towers = load_towers(settings.models_dir, settings.towers, settings.tower_version, providers,
+                         onnx_threads(settings), make_tower=make_tower)
+    towers = batched(towers, settings.batch_wait_ms, settings.batch_max)
     return Pipeline(settings, detector, towers)
 
 

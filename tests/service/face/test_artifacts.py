@@ -29,15 +29,16 @@ def test_loads_when_everything_matches(repo_copy):
     models = load_models(Settings(models_dir=repo_copy))
     assert models.model_version.startswith("towers:") and models.threshold.far is not None
     # the detector and the towers are both resolved from the repository by version
-    assert models.pipeline.detector_version == "mtcnn:1"
+    assert models.pipeline.detector_version == "yunet:1"   # the default IDV_DETECTOR
 
 
 def test_loader_resolves_the_detector_version(repo_copy):
     (repo_copy / "mtcnn" / "2").mkdir()
     with pytest.raises(ArtifactError, match="no manifest"):
-        load_pipeline(Settings(models_dir=repo_copy, detector_version="2"))
+        load_pipeline(Settings(models_dir=repo_copy, detector="mtcnn", detector_version="2"))
     (repo_copy / "mtcnn" / "CURRENT").write_text("1\n")
-    assert load_pipeline(Settings(models_dir=repo_copy, detector_version="current")).detector_version == "mtcnn:1"
+    assert load_pipeline(Settings(models_dir=repo_copy, detector="mtcnn",
+                                  detector_version="current")).detector_version == "mtcnn:1"
 
 
 def test_refuses_a_tower_with_another_hash(repo_copy):

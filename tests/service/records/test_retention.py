@@ -155,6 +155,7 @@ def test_console_shows_the_retained_images_with_their_boxes(retaining_client, en
             original = cv2.imdecode(np.frombuffer(photos[side], np.uint8), cv2.IMREAD_COLOR)
             scale = min(1.0, 640 / max(original.shape[:2]))
             x1, y1, x2, _ = (int(round(v * scale)) for v in box)
+            y1 = min(max(y1, 0), img.shape[0] - 1)   # a box past the frame is drawn at its edge
             greenness = []
             for y in range(max(y1 - 1, 0), min(y1 + 2, img.shape[0])):
                 edge = img[y, max(x1, 0) + 3:min(x2, img.shape[1]) - 3].astype(int)
