@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     detector_version: str = "1"     # version folder of models/repository/mtcnn/ ("current" = its CURRENT file)
     towers: str = "towers"          # model name in the repository
     tower_version: str = "current"  # version folder, or "current" = the one named in models/repository/towers/CURRENT
+    scoring: str = "towers"         # towers | sface | fused: which family's score decides, or the fusion of both
+    sface_version: str = "1"        # version folder of models/repository/sface/ (scoring sface or fused)
+    fusion_version: str = "current" # version folder of models/repository/fusion/ (scoring fused; "current" = its CURRENT)
     onnx_threads: int = 0           # 0 = onnxruntime's default
     providers: str = "auto"         # auto | cpu | cuda
 

@@ -6,14 +6,17 @@ with the settings passed in.
 
 `IDV_DETECTOR_VERSION` and `IDV_TOWER_VERSION` name version folders of
 models/repository/mtcnn/ and models/repository/towers/ ("current" = the one CURRENT names).
+`IDV_SCORING` picks what decides: `towers` (that family alone), `sface` (SFace at
+`IDV_SFACE_VERSION` alone) or `fused` (both, and the fusion at `IDV_FUSION_VERSION`, which must
+name exactly the member versions loaded, else the service refuses to start).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
-from service.face.artifacts import load_towers, resolve_version
-from service.face.decide import Threshold
+from service.face.artifacts import ArtifactError, load_towers, resolve_version
+from service.face.decide import Scoring, Threshold
 from service.face.detect import FaceDetector
 from service.face.pipeline import Pipeline
 from service.runtime import choose_providers
@@ -21,6 +24,8 @@ from service.settings import Settings
 
 log = logging.getLogger("idverify.loader")
 DETECTOR = "mtcnn"   # model name of the detector in the repository
+SFACE = "sface"      # model name of the SFace family
+SCORINGS = ("towers", "sface", "fused")
 
 
 def load_detector(settings: Settings, providers: list[str] | None = None, threads: int | None = None) -> FaceDetector:
@@ -32,17 +37,38 @@ def load_detector(settings: Settings, providers: list[str] | None = None, thread
 
 def load_pipeline(settings: Settings) -> Pipeline:
     """Detector and towers, each file checked against its manifest; no decision threshold."""
+    if settings.scoring not in SCORINGS:
+        raise ArtifactError(f"IDV_SCORING must be one of {', '.join(SCORINGS)}, not {settings.scoring!r}")
     providers = choose_providers(settings.providers)
     detector = load_detector(settings, providers)
-    towers = load_towers(settings.models_dir, settings.towers, settings.tower_version, providers, settings.onnx_threads)
-    return Pipeline(settings, detector, towers)
+
+    def family(name: str, version: str):
+        return load_towers(settings.models_dir, name, version, providers, settings.onnx_threads)
+
+    if settings.scoring == "sface":
+        return Pipeline(settings, detector, family(SFACE, settings.sface_version))
+    towers = family(settings.towers, settings.tower_version)
+    if settings.scoring == "towers":
+        return Pipeline(settings, detector, towers)
+    from service.face.fusion import load_fusion
+
+    fusion = load_fusion(settings.models_dir, settings.fusion_version)
+    extra = {name: family(name, want["version"]) for name, want in fusion.manifest["members"].items()
+             if name != towers.manifest["name"]}
+    fusion.check_members({towers.manifest["name"]: towers, **extra})
+    return Pipeline(settings, detector, towers, extra=extra, fusion=fusion)
 
 
 @dataclass
 class Models:
-    """What /verify runs: the pipeline (analyse, compare) and the threshold (decide)."""
+    """What /verify runs: the pipeline (analyse, scores) and the scoring (decide)."""
     pipeline: Pipeline
-    threshold: Threshold
+    scoring: Scoring
+
+    @property
+    def threshold(self) -> Threshold:
+        """The served score's threshold."""
+        return self.scoring.threshold
 
     @property
     def model_version(self) -> str:
@@ -59,7 +85,16 @@ class Models:
 def load_models(settings: Settings) -> Models:
     """The served models: refuses (ValueError) a threshold the calibration table cannot place."""
     pipeline = load_pipeline(settings)
-    threshold = Threshold.from_settings(settings, pipeline.towers.calibration)
+    fusion = pipeline.fusion
+    if fusion is None:
+        threshold = Threshold.from_settings(settings, pipeline.towers.calibration)
+        scoring = Scoring(pipeline.primary, threshold)
+    else:
+        threshold = Threshold.from_settings(settings, fusion.calibration)
+        far = threshold.far if threshold.far is not None else settings.far_target
+        fallback = {name: Threshold.from_calibration(t.calibration, score=None, far_target=far)
+                    for name, t in pipeline.families.items()}
+        scoring = Scoring("fused", threshold, fuse=fusion.score, fallback=fallback)
     log.info("loaded %s (detector %s) on %s; threshold %.4f (FAR %s)", pipeline.model_version,
              pipeline.detector_version, pipeline.providers[0], threshold.score, threshold.far)
-    return Models(pipeline, threshold)
+    return Models(pipeline, scoring)
