@@ -53,8 +53,8 @@ async def verify(request: Request) -> JSONResponse:
             await run_in_threadpool(models.pipeline.analyse, getattr(attempt.input, field), field,
                                     attempt.timings, attempt.sides[field])
         t0 = time.perf_counter()
-        score = models.pipeline.compare(attempt.sides["id_photo"], attempt.sides["live_photo"])
-        attempt.decided(score, models.threshold.decide(score), (time.perf_counter() - t0) * 1000.0)
+        scores = models.pipeline.scores(attempt.sides["id_photo"], attempt.sides["live_photo"])
+        attempt.decided(models.scoring.decide(scores), (time.perf_counter() - t0) * 1000.0)
     except ApiError as exc:
         attempt.failed(exc)
     except Exception:  # noqa: BLE001 - answered as internal_error, logged, and audited
