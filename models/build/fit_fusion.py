@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-measure", action="store_true", help="skip the folds 9-10 / LFW 10-fold metrics")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--limit", type=int, default=None, help="at most N pairs per fold (smoke tests only)")
+    ap.add_argument("--reports", default=str(ROOT / "reports"), help="where reports and embeddings go")
     args = ap.parse_args(argv)
     folds = parse_folds(args.folds)
     if RESERVED & set(folds):
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     sface = load_towers(settings.models_dir, SFACE, args.sface, providers, settings.onnx_threads)
     pipeline = Pipeline(settings, load_detector(settings, providers), towers, extra={SFACE: sface})
     pipeline.warmup()
-    data_dir, out = Path(settings.data_dir), ROOT / "reports" / f"fusion-{version}"
+    data_dir, out = Path(settings.data_dir), Path(args.reports) / f"fusion-{version}"
 
     def fit_pass(flip: bool):
         sface.id.flip_average = sface.live.flip_average = flip
