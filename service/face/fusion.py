@@ -16,14 +16,14 @@ members are not exactly the ones loaded (a refit is one command: models/build/fi
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from service.face.artifacts import ArtifactError, load_manifest, resolve_version, verify_file
+from service.face.artifacts import (ArtifactError, artifact_calibration, artifact_version, load_manifest,
+                                    resolve_version, verify_file)
 
 NAME = "fusion"   # model name of fusions in the repository
 
@@ -33,17 +33,12 @@ class Fusion:
     manifest: dict
     folder: Path
 
-    @property
-    def version(self) -> str:
-        return f"{self.manifest['name']}:{self.manifest['version']}"
+    version = property(lambda self: artifact_version(self.manifest))
+    calibration = property(lambda self: artifact_calibration(self.manifest, self.folder))
 
     @property
     def families(self) -> tuple[str, ...]:
         return tuple(self.manifest["members"])
-
-    @property
-    def calibration(self) -> list[dict]:
-        return json.loads((self.folder / self.manifest["calibration"]).read_text())["table"]
 
     def logit(self, scores: Mapping[str, object]) -> np.ndarray:
         norm, weights = self.manifest["normalisation"], self.manifest["weights"]
