@@ -7,6 +7,11 @@ Three inputs, each analysed `--runs` times after `--warmup` untimed runs, throug
   frame   a 640x480 JPEG camera frame (the face image scaled to 360 px high, centred on a
           blurred copy of itself) -> live tower
   lfw     one 250x250 LFW image (JPEG) -> live tower; target: detect+align+embed median <= 30 ms
+  pair    chip + lfw through analyse, then the scores and the decision (`Models.scoring`): the
+          work of one /verify call without HTTP; target (speed issue): p50 <= 30 ms through HTTP
+
+`--scoring fused` (or towers, sface; default IDV_SCORING) picks the served scoring; with several
+families the per-family stages (`align:sface`, `embed:towers`, ...) get their own columns.
 
 Source face: an LFW image from the shared data (settings.data_dir), else matplotlib's bundled
 sample photo (grace_hopper.jpg) so the bench runs anywhere.
@@ -112,14 +117,40 @@ def make_inputs(pipeline, img: np.ndarray, img_bytes: bytes, is_lfw: bool) -> di
 def measure(pipeline, data: bytes, field: str, runs: int, warmup: int) -> dict[str, np.ndarray]:
     for _ in range(warmup):
         pipeline.analyse(data, field, {})
-    rows = {k: [] for k in (*STAGES, "total")}
+    rows: dict[str, list] = {k: [] for k in (*STAGES, "total")}
     for _ in range(runs):
         t: dict[str, float] = {}
         t0 = time.perf_counter()
         pipeline.analyse(data, field, t)
         rows["total"].append((time.perf_counter() - t0) * 1e3)
-        for k in STAGES:
-            rows[k].append(t.get(k, 0.0))
+        for k in set(rows) | set(t):
+            if k != "total":
+                rows.setdefault(k, []).append(t.get(k, 0.0))
+    out = {k: np.asarray(v) for k, v in rows.items()}
+    out["detect+align+embed"] = out["detect"] + out["align"] + out["embed"]
+    return out
+
+
+def measure_pair(models, chip: bytes, live: bytes, runs: int, warmup: int) -> dict[str, np.ndarray]:
+    """chip + live analysed, scored and decided: what one /verify call computes."""
+    p = models.pipeline
+
+    def once(t: dict) -> None:
+        a, b = p.analyse(chip, "id_photo", t), p.analyse(live, "live_photo", t)
+        t0 = time.perf_counter()
+        models.scoring.decide(p.scores(a, b))
+        t["compare"] = (time.perf_counter() - t0) * 1e3
+
+    for _ in range(warmup):
+        once({})
+    rows: dict[str, list] = {}
+    for _ in range(runs):
+        t: dict[str, float] = {}
+        t0 = time.perf_counter()
+        once(t)
+        t["total"] = (time.perf_counter() - t0) * 1e3
+        for k, v in t.items():
+            rows.setdefault(k, []).append(v)
     out = {k: np.asarray(v) for k, v in rows.items()}
     out["detect+align+embed"] = out["detect"] + out["align"] + out["embed"]
     return out
@@ -136,25 +167,30 @@ def thread_info(pipeline, settings) -> str:
 
 
 def table(results: dict[str, dict], descs: dict[str, str]) -> str:
-    cols = (*STAGES, "detect+align+embed", "total")
+    extra = sorted({k for r in results.values() for k in r if ":" in k})   # per-family stages
+    cols = (*STAGES, *extra, "detect+align+embed", "total")
     lines = ["| input | " + " | ".join(f"{c} median / p90 (ms)" for c in cols) + " |",
              "| --- | " + " | ".join("---:" for _ in cols) + " |"]
     for name, r in results.items():
-        cells = [f"{np.median(r[c]):.1f} / {np.percentile(r[c], 90):.1f}" for c in cols]
+        cells = [f"{np.median(r[c]):.1f} / {np.percentile(r[c], 90):.1f}" if c in r else "-" for c in cols]
         lines.append(f"| {name}: {descs[name]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_docs(block: str) -> None:
+def write_docs(block: str, scoring: str = "towers") -> None:
+    """The section of this scoring (towers: the served default; others get their own markers)."""
+    start, end = (START, END) if scoring == "towers" else (START.replace(":start", f":{scoring}:start"),
+                                                           END.replace(":end", f":{scoring}:end"))
     DOC.parent.mkdir(parents=True, exist_ok=True)
     text = DOC.read_text() if DOC.exists() else (
         "# Benchmarks\n\nFigures are written by the scripts named beside them; rerun them to refresh.\n\n")
-    section = f"{START}\n{block}\n{END}"
-    if START in text and END in text:
-        a, b = text.index(START), text.index(END) + len(END)
+    section = f"{start}\n{block}\n{end}"
+    if start in text and end in text:
+        a, b = text.index(start), text.index(end) + len(end)
         text = text[:a] + section + text[b:]
     else:
-        text = text.rstrip("\n") + "\n\n## Latency per stage (CPU)\n\n" + section + "\n"
+        title = "Latency per stage (CPU)" + ("" if scoring == "towers" else f", IDV_SCORING={scoring}")
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n" + section + "\n"
     DOC.write_text(text)
 
 
@@ -165,14 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default=None,
                     help="IDV_ONNX_THREADS for this run; a comma list (e.g. 1,2,0) measures each in turn")
     ap.add_argument("--providers", default="cpu", help="auto | cpu | cuda (default cpu)")
-    ap.add_argument("--only", default=None, help="comma list of chip,frame,lfw")
+    ap.add_argument("--only", default=None, help="comma list of chip,frame,lfw,pair")
+    ap.add_argument("--scoring", default=None, help="towers | sface | fused (default IDV_SCORING)")
     ap.add_argument("--write-docs", action="store_true", help=f"update {DOC.relative_to(ROOT)}")
     args = ap.parse_args(argv)
     os.environ["IDV_PROVIDERS"] = args.providers
+    if args.scoring:
+        os.environ["IDV_SCORING"] = args.scoring
     load_start = os.getloadavg()
     thread_list = [int(t) for t in str(args.threads).split(",")] if args.threads is not None else [None]
 
-    from service.face.loader import load_pipeline
+    from service.face.loader import load_models
     from service.settings import Settings
 
     results, descs, infos = {}, {}, []
@@ -181,20 +220,26 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["IDV_ONNX_THREADS"] = str(threads)
         settings = Settings()
         t0 = time.perf_counter()
-        pipeline = load_pipeline(settings)
+        models = load_models(settings)
+        pipeline = models.pipeline
         load_s = time.perf_counter() - t0
         pipeline.warmup()
         img, img_bytes, src = source_face(Path(settings.data_dir))
         inputs = make_inputs(pipeline, img, img_bytes, src.startswith("LFW"))
-        if args.only:
-            keep = set(args.only.split(","))
-            inputs = {k: v for k, v in inputs.items() if k in keep}
+        keep = set(args.only.split(",")) if args.only else {*inputs, "pair"}
+        pair = (inputs["chip"][0], inputs["lfw"][0])
+        inputs = {k: v for k, v in inputs.items() if k in keep}
         tag = f"threads={settings.onnx_threads}"
         infos.append(f"{tag}: {thread_info(pipeline, settings)}; pipeline load {load_s:.1f} s")
         for name, (data, field, desc) in inputs.items():
             key = f"{name} ({tag})" if len(thread_list) > 1 else name
             results[key] = measure(pipeline, data, field, args.runs, args.warmup)
             descs[key] = desc
+            print(f"{key}: median total {np.median(results[key]['total']):.1f} ms", file=sys.stderr)
+        if "pair" in keep:
+            key = f"pair ({tag})" if len(thread_list) > 1 else "pair"
+            results[key] = measure_pair(models, *pair, args.runs, args.warmup)
+            descs[key] = "chip + LFW 250x250, analysed, scored and decided (no HTTP)"
             print(f"{key}: median total {np.median(results[key]['total']):.1f} ms", file=sys.stderr)
 
     cmd = "python bench/latency.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -211,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             med = float(np.median(r["detect+align+embed"]))
             verdicts.append(f"{key}: 250x250 LFW image, detect+align+embed median **{med:.1f} ms** "
                             f"(target <= 30 ms: {'met' if med <= 30 else 'NOT met'}).")
+        if key.startswith("pair"):
+            med = float(np.median(r["total"]))
+            verdicts.append(f"{key}: chip + 250x250 live, analysed, scored, decided, median **{med:.1f} ms** "
+                            f"without HTTP (speed issue: p50 <= 30 ms through HTTP: "
+                            f"{'within reach' if med <= 30 else 'NOT met'}).")
     verdict = "\n".join(f"- {v}" for v in verdicts)
     block = "\n".join([
         f"Command: `{env + ' ' if env else ''}{cmd.strip()}` ({args.runs} runs per input after {args.warmup} warm-up; "
@@ -231,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print(block)
     if args.write_docs:
-        write_docs(block)
+        write_docs(block, settings.scoring)
         print(f"\nwritten to {DOC.relative_to(ROOT)}", file=sys.stderr)
     return 0
 

@@ -258,24 +258,10 @@ class Fusion:
 
 
 def logistic_fit(xg: np.ndarray, xi: np.ndarray, l2: float = 1e-4) -> tuple[np.ndarray, float]:
-    """Class-balanced L2 logistic regression, genuine (xg) = 1 vs impostor (xi) = 0."""
-    from scipy.optimize import minimize
+    """Class-balanced L2 logistic regression (the one the shipped fusion is fit with)."""
+    from models.build.fit_fusion import logistic_fit as fit
 
-    x = np.concatenate([xg, xi])
-    y = np.concatenate([np.ones(len(xg)), np.zeros(len(xi))])
-    sw = np.concatenate([np.full(len(xg), 0.5 / len(xg)), np.full(len(xi), 0.5 / len(xi))])
-    xb = np.hstack([x, np.ones((len(x), 1))])
-
-    def loss(theta):
-        t = xb @ theta
-        lo = np.logaddexp(0.0, t) - y * t
-        p = 1.0 / (1.0 + np.exp(-t))
-        reg = l2 * np.sum(theta[:-1] ** 2)
-        grad = xb.T @ (sw * (p - y)) + np.r_[2 * l2 * theta[:-1], 0.0]
-        return float(np.sum(sw * lo) + reg), grad
-
-    res = minimize(loss, np.zeros(xb.shape[1]), jac=True, method="L-BFGS-B")
-    return res.x[:-1], float(res.x[-1])
+    return fit(xg, xi, l2)
 
 
 def tar_row(gen: np.ndarray, imp) -> dict:

@@ -43,7 +43,8 @@ def write_calibration(folder: Path, report: dict, source: str) -> dict:
     return manifest
 
 
-def record_metrics(folder: Path, pipeline, data_dir: Path) -> dict:
+def record_metrics(folder: Path, pipeline, data_dir: Path, embedder_for=None) -> dict:
+    """`embedder_for(encoding)`: an Embedder to reuse (None: a fresh one per run)."""
     runs = {
         "lfw_10fold": ("lfw", list(range(1, 11)), "rgb"),
         "lfw_ivs_folds9-10": ("lfw-ivs", [9, 10], "rgb"),
@@ -54,7 +55,8 @@ def record_metrics(folder: Path, pipeline, data_dir: Path) -> dict:
         tag = "1-10" if len(folds) == 10 else "9,10"
         command = f"idverify eval --protocol {protocol} --folds {tag}" + (" --chip-encoding ycc" if encoding == "ycc" else "")
         report = evaluate(protocol, folds, pipeline, data_dir, chip_encoding=encoding, command=command,
-                          out=Path("reports") / f"{folder.name}-{key}")
+                          out=Path("reports") / f"{folder.name}-{key}",
+                          embedder=embedder_for(encoding) if embedder_for else None)
         metrics[key] = summarise(report)
         print(key, json.dumps(metrics[key]), flush=True)
     manifest = json.loads((folder / "manifest.json").read_text())

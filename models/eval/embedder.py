@@ -19,6 +19,8 @@ class Embedder:
     Uses `Pipeline.prepare` (decode -> detect -> select -> size check -> align) and embeds the
     aligned chips in batches; `tests/models/eval/test_evaluate.py` checks that the result equals
     `analyse(...).embedding`. The id side gets simulated chip bytes, the live side the file bytes.
+    Every family of the pipeline is embedded (one detection, one alignment per family):
+    `family_emb[family]` holds each family's embeddings, `emb` the primary family's.
     """
 
     def __init__(self, pipeline, data_dir: Path, *, seed: int = 0, chip_landmarks: str = "fixed",
@@ -34,6 +36,7 @@ class Embedder:
         self.timings: dict[str, float] = {}   # stage -> total ms
         self.counts: dict[str, int] = {}      # stage -> calls
         self.emb: dict[tuple[str, str], np.ndarray] = {}
+        self.family_emb: dict[str, dict[tuple[str, str], np.ndarray]] = {f: {} for f in pipeline.families}
         self.fta: dict[tuple[str, str], str] = {}
         self.chip_bytes: list[int] = []
         self.chip_fallbacks = 0
@@ -63,11 +66,12 @@ class Embedder:
         self.chip_bytes.append(len(data))
         return data
 
-    def prepare(self, data: bytes, field: str) -> np.ndarray:
-        """decode -> detect -> select -> size check -> align: `Pipeline.prepare`, timed here."""
+    def prepare(self, data: bytes, field: str) -> dict[str, np.ndarray | None]:
+        """decode -> detect -> select -> size check -> align: `Pipeline.prepare_families`
+        (family -> chip, None where that family does not take the face), timed here."""
         timings: dict[str, float] = {}
         try:
-            return self.pipeline.prepare(data, field, timings)[1]
+            return self.pipeline.prepare_families(data, field, timings)[1]
         finally:
             for stage, ms in timings.items():
                 self._add(stage, ms)
@@ -75,12 +79,25 @@ class Embedder:
     def _flush(self, side: str, keys: list, chips: list) -> None:
         if not chips:
             return
-        t0 = time.perf_counter()
-        out = self.pipeline.tower(FIELD[side]).embed(np.stack(chips))
-        self.timings["embed"] = self.timings.get("embed", 0.0) + (time.perf_counter() - t0) * 1e3
-        self.counts["embed"] = self.counts.get("embed", 0) + len(chips)
-        for k, e in zip(keys, out):
-            self.emb[k] = np.asarray(e, dtype=np.float32)
+        for family, table in self.family_emb.items():
+            rows = [(k, c[family]) for k, c in zip(keys, chips) if c[family] is not None]
+            if not rows:
+                continue
+            t0 = time.perf_counter()
+            out = self.pipeline.tower(FIELD[side], family).embed(np.stack([c for _, c in rows]))
+            ms = (time.perf_counter() - t0) * 1e3
+            self.timings["embed"] = self.timings.get("embed", 0.0) + ms   # all families, per image
+            if len(self.family_emb) > 1:
+                self.timings[f"embed:{family}"] = self.timings.get(f"embed:{family}", 0.0) + ms
+                self.counts[f"embed:{family}"] = self.counts.get(f"embed:{family}", 0) + len(rows)
+            for (k, _), e in zip(rows, out):
+                if np.all(np.isfinite(e)):
+                    table[k] = np.asarray(e, dtype=np.float32)
+        self.counts["embed"] = self.counts.get("embed", 0) + len(keys)
+        primary = self.family_emb[self.pipeline.primary]
+        for k in keys:
+            if k in primary:
+                self.emb[k] = primary[k]
         keys.clear()
         chips.clear()
 

@@ -8,6 +8,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -63,6 +64,63 @@ def _extended_sets(embedder: Embedder, rel_a, side_a, rel_b, side_b, dim: int):
     return cross_scores(ea, oka, ida, fa, eb, okb, idb, fb, symmetric=rel_a is rel_b)
 
 
+def family_scores(embedder: Embedder, pairs, rel_a, side_a, rel_b, side_b, dim: int, extended: bool):
+    """Per family of the embedder: {"pairs": pairs.txt scores (-inf on FTA), "imp": impostor
+    scores, "ext_genuine": all same-identity pair scores (None unless `extended`)}, in the same
+    order for every family; and the pairs' FTA codes."""
+    labels = np.array([p.same for p in pairs])
+    out, codes = {}, None
+    for family, table in embedder.family_emb.items():
+        view = SimpleNamespace(emb=table, fta=embedder.fta)
+        scores, codes = _pair_scores(view, pairs, side_a, side_b)
+        entry = {"pairs": scores, "imp": scores[~labels], "ext_genuine": None}
+        if extended:
+            entry["imp"], entry["ext_genuine"] = _extended_sets(view, rel_a, side_a, rel_b, side_b, dim)
+        out[family] = entry
+    return out, codes
+
+
+def served_scores(pipeline, per_family: dict) -> dict:
+    """The scores the service decides on: the fusion's of the families' (the one fused-score
+    function, `Fusion.score`), else the primary family's."""
+    fusion = getattr(pipeline, "fusion", None)
+    if fusion is None:
+        return per_family[pipeline.primary]
+    out = {}
+    for key in ("pairs", "imp", "ext_genuine"):
+        if per_family[fusion.families[0]][key] is None:
+            out[key] = None
+            continue
+        fused = fusion.score({f: per_family[f][key] for f in fusion.families})
+        out[key] = fused.astype(np.float32) if key != "pairs" else fused
+    return out
+
+
+def _scoring_info(pipeline) -> dict:
+    fusion = getattr(pipeline, "fusion", None)
+    info = {"families": {f: t.version for f, t in pipeline.families.items()},
+            "served": "fused" if fusion is not None else pipeline.primary}
+    if fusion is not None:
+        info["fusion"] = fusion.version
+        info["rule"] = "a pair any family could not score is a reject (FTA = reject)"
+    return info
+
+
+def _metrics(scores, labels, imp, ext_genuine, pairs, folds, curves: bool = True) -> dict:
+    genuine = scores[labels]
+    imp_set = ScoreSet(imp.astype(np.float32, copy=False))
+    out = {"genuine": genuine, "imp_set": imp_set, "tar": tar_at_far(genuine, imp_set, TAR_FARS), "tar_ext": None,
+           "accuracy": kfold_accuracy(scores, labels, np.array([p.fold for p in pairs]), list(folds)),
+           "curves": {}}
+    if curves:
+        out["curves"][f"pairs.txt genuine ({genuine.size})"] = roc_points(genuine, imp_set)
+    if ext_genuine is not None and ext_genuine.size:
+        out["tar_ext"] = tar_at_far(ext_genuine, imp_set, TAR_FARS)
+        if curves:
+            out["curves"][f"all same-identity pairs ({ext_genuine.size})"] = roc_points(ext_genuine, imp_set)
+    return out
+
+
 def _fta_report(embedder: Embedder, rel_a, side_a, rel_b, codes, labels) -> dict:
     def block(rels, side):
         failed = {r: embedder.fta[(r, side)] for r in rels if (r, side) in embedder.fta}
@@ -107,9 +165,10 @@ def evaluate(protocol: str, folds: list[int], pipeline, data_dir: Path | str, *,
              limit: int | None = None, extended_impostors: bool = True, seed: int = 0,
              out: Path | str | None = None, batch_size: int = 32, progress: bool = True,
              chip_landmarks: str = "fixed", chip_encoding: str = "rgb", embedder: Embedder | None = None,
-             command: str | None = None) -> dict:
+             command: str | None = None, scores_out: dict | None = None) -> dict:
     """Run one protocol over `folds`; returns the report dict (and writes it to `out` if given).
-    Pass an `embedder` to reuse embeddings across calls (e.g. several protocols/fold sets)."""
+    Pass an `embedder` to reuse embeddings across calls (e.g. several protocols/fold sets);
+    `scores_out` (a dict) receives the per-family score arrays (`per_family`, `labels`)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}")
     data_dir = Path(data_dir)
@@ -134,27 +193,29 @@ def evaluate(protocol: str, folds: list[int], pipeline, data_dir: Path | str, *,
     analyse_s = time.perf_counter() - t0
     dim = next(iter(embedder.emb.values())).shape[0] if embedder.emb else 128
 
-    scores, codes = _pair_scores(embedder, pairs, side_a, side_b)
     labels = np.array([p.same for p in pairs])
-    accuracy = kfold_accuracy(scores, labels, np.array([p.fold for p in pairs]), list(folds))
-
-    genuine = scores[labels]
-    ext_genuine = None
+    per_family, codes = family_scores(embedder, pairs, rel_a, side_a, rel_b, side_b, dim, extended_impostors)
+    served = served_scores(pipeline, per_family)
+    if scores_out is not None:
+        scores_out.update(per_family=per_family, labels=labels)
+    scores, imp, ext_genuine = served["pairs"], served["imp"], served["ext_genuine"]
     if extended_impostors:
-        imp, ext_genuine = _extended_sets(embedder, rel_a, side_a, rel_b, side_b, dim)
         impostor_desc = ("all cross-identity pairs: id side of every distinct first-column image vs live "
                          "side of every distinct second-column image" if side_a == "id" else
                          "all cross-identity unordered pairs among the distinct images (live/live)")
     else:
-        imp = scores[~labels]
         impostor_desc = "mismatched pairs of pairs.txt"
-    imp_set = ScoreSet(imp.astype(np.float32, copy=False))
-    tar = tar_at_far(genuine, imp_set, TAR_FARS)
-    curves = {f"pairs.txt genuine ({genuine.size})": roc_points(genuine, imp_set)}
-    tar_ext = None
-    if ext_genuine is not None and ext_genuine.size:
-        tar_ext = tar_at_far(ext_genuine, imp_set, TAR_FARS)
-        curves[f"all same-identity pairs ({ext_genuine.size})"] = roc_points(ext_genuine, imp_set)
+    m = _metrics(scores, labels, imp, ext_genuine, pairs, folds)
+    genuine, imp_set, tar, tar_ext, accuracy, curves = (m[k] for k in ("genuine", "imp_set", "tar", "tar_ext",
+                                                                        "accuracy", "curves"))
+    families = None
+    if len(per_family) > 1:  # each family alone, beside the served score
+        families = {}
+        for f, sc in per_family.items():
+            fm = _metrics(sc["pairs"], labels, sc["imp"], sc["ext_genuine"], pairs, folds, curves=False)
+            families[f] = {"model_version": pipeline.families[f].version, "accuracy": fm["accuracy"],
+                           "tar_at_far": fm["tar"], "tar_at_far_extended_genuine": fm["tar_ext"],
+                           "calibration": calibration_table(fm["imp_set"])}
 
     report = {
         "protocol": protocol,
@@ -179,6 +240,8 @@ def evaluate(protocol: str, folds: list[int], pipeline, data_dir: Path | str, *,
         "tar_at_far": tar,
         "tar_at_far_extended_genuine": tar_ext,
         "calibration": calibration_table(imp_set),
+        "scoring": _scoring_info(pipeline),
+        "families": families,
         "fta": _fta_report(embedder, rel_a, side_a, rel_b, codes, labels),
         "throughput": _throughput(embedder, len(set(items)), analyse_s),
     }

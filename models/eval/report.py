@@ -38,7 +38,7 @@ def pipeline_info(pipeline) -> dict:
     if s is not None:
         info["settings"] = {k: getattr(s, k, None) for k in (
             "providers", "onnx_threads", "min_face_px", "detect_max_side", "detect_min_side",
-            "towers", "tower_version")}
+            "towers", "tower_version", "scoring", "sface_version", "fusion_version")}
     return info
 
 
@@ -95,6 +95,9 @@ def summary_lines(report: dict) -> list[str]:
     if report.get("tar_at_far_extended_genuine"):
         ext = ", ".join(f"{r['tar'] * 100:.2f}%@{r['far_target']:g}" for r in report["tar_at_far_extended_genuine"])
         lines.append(f"TAR, all {c['extended_genuine']} same-identity pairs: {ext}")
+    for family, f in (report.get("families") or {}).items():
+        tars = ", ".join(f"{r['tar'] * 100:.2f}%@{r['far_target']:g}" for r in f["tar_at_far"])
+        lines.append(f"  {family} ({f['model_version']}) alone: accuracy {f['accuracy']['mean'] * 100:.2f}%, TAR {tars}")
     for side, b in report["fta"].items():
         if side != "pairs_with_fta":
             lines.append(f"FTA {side}: {b['failed']}/{b['images']} ({b['rate'] * 100:.2f}%) {b['by_code']}")
@@ -115,5 +118,8 @@ def summarise(report: dict) -> dict:
         "impostors": report["counts"]["impostor"],
         "fta": {side: v["failed"] for side, v in report["fta"].items() if side != "pairs_with_fta"},
         "chipsim": (report.get("chipsim") or {}).get("version"),
+        **({"families": {f: {"accuracy": v["accuracy"]["mean"],
+                             "tar_at_far": {far_key(r["far_target"]): r["tar"] for r in v["tar_at_far"]}}
+                         for f, v in report["families"].items()}} if report.get("families") else {}),
         "command": report.get("command"),
     }

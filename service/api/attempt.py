@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from service.api.verify_input import VerifyInput
 from service.errors import ApiError
+from service.face.decide import Decision, Threshold
 from service.face.pipeline import Side
 
 FIELDS = ("id_photo", "live_photo")
@@ -24,6 +25,9 @@ class VerifyAttempt:
     timings: dict[str, float] = field(default_factory=dict)   # stage -> ms
     score: float | None = None
     decision: str | None = None          # match | no_match (None: rejected)
+    threshold: Threshold | None = None   # the one the score was held against (a fallback's, say)
+    scores: dict | None = None           # family -> its score of the pair (None: it had none)
+    scoring: str | None = None           # what decided: a family, "fused" or "fallback:<family>"
     error: ApiError | None = None
     latency_ms: float | None = None
 
@@ -34,12 +38,15 @@ class VerifyAttempt:
         self.input = inp
         self.sides = {f: Side.of(f, getattr(inp, f)) for f in FIELDS}
 
-    def decided(self, score: float, decision: str, compare_ms: float) -> None:
-        self.score, self.decision = float(score), decision
+    def decided(self, decision: Decision, compare_ms: float) -> None:
+        self.score, self.decision, self.threshold = float(decision.score), decision.decision, decision.threshold
+        self.scores = {f: None if s is None else float(s) for f, s in decision.scores.items()}
+        self.scoring = decision.scoring
         self.timings["compare"] = compare_ms
 
     def failed(self, error: ApiError) -> None:
         self.error, self.score, self.decision = error, None, None
+        self.threshold, self.scores, self.scoring = None, None, None
 
     def finished(self) -> None:
         """Everything up to the audit write is done: the latency the record keeps."""
@@ -55,12 +62,12 @@ class VerifyAttempt:
         columns: dict = {}
         for f, side in self.sides.items():
             columns.update(audit.side_columns(f, side))
-        threshold = models.threshold if models is not None else None
+        threshold = self.threshold or (models.threshold if models is not None else None)
         columns.update(
             id=self.request_id, key_id=self.key_id,
             device_id=self.input.device_id if self.input else None,
             reference=self.input.reference if self.input else None,
-            decision=self.decision or "rejected", score=self.score,
+            decision=self.decision or "rejected", score=self.score, scores=self.scores, scoring=self.scoring,
             threshold=threshold.score if threshold else None, far_target=threshold.far if threshold else None,
             model_version=models.model_version if models is not None else None,
             error_code=self.error.code if self.error else None, error_field=self.error.field if self.error else None,
@@ -80,8 +87,10 @@ class VerifyAttempt:
             "request_id": self.request_id,
             "decision": self.decision,
             "score": self.score,
-            "threshold": models.threshold.score,
-            "far_target": models.threshold.far,
+            "threshold": self.threshold.score,
+            "far_target": self.threshold.far,
+            "scores": self.scores,
+            "scoring": self.scoring,
             "model_version": models.model_version,
             "faces": {f: side.to_public() for f, side in self.sides.items()},
             "timings_ms": {stage: round(ms, 2) for stage, ms in timings.items()},

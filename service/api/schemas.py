@@ -40,6 +40,8 @@ class VerifyAnswer(BaseModel):
     score: float
     threshold: float
     far_target: float | None
+    scores: dict[str, float | None]    # each family's score of the pair (null: that family had none)
+    scoring: str                       # what decided: a family, "fused", or "fallback:<family>"
     model_version: str
     faces: VerifyFaces
     timings_ms: dict[str, float]
@@ -68,6 +70,8 @@ class AuditRecordAnswer(BaseModel):
     reference: str | None
     decision: Literal["match", "no_match", "rejected"]
     score: float | None
+    scores: dict[str, float | None] | None
+    scoring: str | None
     threshold: float | None
     far_target: float | None
     model_version: str | None

@@ -52,6 +52,19 @@ def verify_file(folder: Path, entry: dict) -> Path:
     return path
 
 
+def artifact_version(manifest: dict) -> str:
+    """`name:version`, as answers, audit records and reports name a model."""
+    return f"{manifest['name']}:{manifest['version']}"
+
+
+def artifact_calibration(manifest: dict, folder: Path) -> list[dict]:
+    """The manifest's calibration table: a file beside it (`calibration.json`), inline, or none."""
+    cal = manifest.get("calibration")
+    if isinstance(cal, str):
+        return json.loads((Path(folder) / cal).read_text())["table"]
+    return cal or []
+
+
 @dataclass
 class Towers:
     id: "Tower"
@@ -61,14 +74,11 @@ class Towers:
 
     @property
     def version(self) -> str:
-        return f"{self.manifest['name']}:{self.manifest['version']}"
+        return artifact_version(self.manifest)
 
     @property
     def calibration(self) -> list[dict]:
-        cal = self.manifest.get("calibration")
-        if isinstance(cal, str):  # a file beside the manifest
-            return json.loads((self.folder / cal).read_text())["table"]
-        return cal or []
+        return artifact_calibration(self.manifest, self.folder)
 
 
 def load_towers(models_dir: Path, name: str, version: str, providers: list[str], threads: int = 0,

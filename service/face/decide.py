@@ -37,3 +37,43 @@ class Threshold:
             raise ValueError(f"calibration table cannot resolve FAR {far_target}; lowest is {rows[-1]['far']}")
         best = ok[0]
         return cls(score=float(best["score"]), far=float(best["far"]))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What decided a pair: the score, the threshold it was held against, the decision, which
+    scoring produced it (a family's name, "fused", or "fallback:<family>") and every family's score."""
+    score: float
+    threshold: Threshold
+    decision: str
+    scoring: str
+    scores: dict
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """The served scoring: one family's score against its threshold, or the fusion's.
+
+    Fallback rule (fused only): when one family has no score for the pair (its alignment would
+    not take the face, or its embedding was not finite), the other family's score decides
+    against that family's own calibrated threshold at the same FAR (`fallback`), and the
+    decision says `scoring = "fallback:<family>"`. With no family score at all there is no
+    decision (ValueError; the pipeline has refused such a face before)."""
+    mode: str                      # a family name, or "fused"
+    threshold: Threshold           # of the served score
+    fuse: object = None            # fused mode: per-family scores -> fused score (Fusion.score)
+    fallback: dict | None = None   # fused mode: family -> its own Threshold
+
+    def decide(self, scores: dict) -> Decision:
+        have = {f: s for f, s in scores.items() if s is not None}
+        if self.mode != "fused":
+            score = have[self.mode]
+            return Decision(score, self.threshold, self.threshold.decide(score), self.mode, scores)
+        if len(have) == len(scores):
+            score = float(self.fuse(scores))
+            return Decision(score, self.threshold, self.threshold.decide(score), "fused", scores)
+        if not have:
+            raise ValueError("no family scored the pair")
+        family = next(f for f in scores if f in have)   # deterministic: the first (primary) that scored
+        threshold = self.fallback[family]
+        return Decision(have[family], threshold, threshold.decide(have[family]), f"fallback:{family}", scores)

@@ -7,15 +7,18 @@ with the settings passed in.
 `IDV_DETECTOR` names the detector (`mtcnn` or `yunet`: the model folder in the repository and
 the class that runs it); `IDV_DETECTOR_VERSION` and `IDV_TOWER_VERSION` name version folders of
 models/repository/<detector>/ and models/repository/towers/ ("current" = the one CURRENT names).
+`IDV_SCORING` picks what decides: `towers` (that family alone), `sface` (SFace at
+`IDV_SFACE_VERSION` alone) or `fused` (both, and the fusion at `IDV_FUSION_VERSION`, which must
+name exactly the member versions loaded, else the service refuses to start).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
-from service.face.artifacts import load_towers, resolve_version
+from service.face.artifacts import ArtifactError, load_towers, resolve_version
 from service.face.batcher import batched
-from service.face.decide import Threshold
+from service.face.decide import Scoring, Threshold
 from service.face.detect import FaceDetector
 from service.face.yunet import YuNetDetector
 from service.face.pipeline import Pipeline
@@ -25,6 +28,8 @@ from service.settings import Settings
 
 log = logging.getLogger("idverify.loader")
 DETECTORS = {"mtcnn": FaceDetector, "yunet": YuNetDetector}   # IDV_DETECTOR -> the class that runs it
+SFACE = "sface"      # model name of the SFace family
+SCORINGS = ("towers", "sface", "fused")
 
 
 def load_detector(settings: Settings, providers: list[str] | None = None,
@@ -39,6 +44,8 @@ def load_detector(settings: Settings, providers: list[str] | None = None,
 
 def load_pipeline(settings: Settings) -> Pipeline:
     """Detector and towers, each file checked against its manifest; no decision threshold."""
+    if settings.scoring not in SCORINGS:
+        raise ArtifactError(f"IDV_SCORING must be one of {', '.join(SCORINGS)}, not {settings.scoring!r}")
     providers = choose_providers(settings.providers)
     detector = load_detector(settings, providers)
     make_tower = None
@@ -48,17 +55,36 @@ def load_pipeline(settings: Settings) -> Pipeline:
         make_tower = triton_factory(settings.triton_url)
     elif settings.tower_backend != "onnxruntime":
         raise ValueError(f"IDV_TOWER_BACKEND={settings.tower_backend!r}: expected onnxruntime or triton")
-    towers = load_towers(settings.models_dir, settings.towers, settings.tower_version, providers,
-                         onnx_threads(settings), make_tower=make_tower)
-    towers = batched(towers, settings.batch_wait_ms, settings.batch_max)
-    return Pipeline(settings, detector, towers)
+
+    def family(name: str, version: str):
+        towers = load_towers(settings.models_dir, name, version, providers, onnx_threads(settings),
+                             make_tower=make_tower if name == settings.towers else None)
+        return batched(towers, settings.batch_wait_ms, settings.batch_max)
+
+    if settings.scoring == "sface":
+        return Pipeline(settings, detector, family(SFACE, settings.sface_version))
+    towers = family(settings.towers, settings.tower_version)
+    if settings.scoring == "towers":
+        return Pipeline(settings, detector, towers)
+    from service.face.fusion import load_fusion
+
+    fusion = load_fusion(settings.models_dir, settings.fusion_version)
+    extra = {name: family(name, want["version"]) for name, want in fusion.manifest["members"].items()
+             if name != towers.manifest["name"]}
+    fusion.check_members({towers.manifest["name"]: towers, **extra})
+    return Pipeline(settings, detector, towers, extra=extra, fusion=fusion)
 
 
 @dataclass
 class Models:
-    """What /verify runs: the pipeline (analyse, compare) and the threshold (decide)."""
+    """What /verify runs: the pipeline (analyse, scores) and the scoring (decide)."""
     pipeline: Pipeline
-    threshold: Threshold
+    scoring: Scoring
+
+    @property
+    def threshold(self) -> Threshold:
+        """The served score's threshold."""
+        return self.scoring.threshold
 
     @property
     def model_version(self) -> str:
@@ -75,7 +101,16 @@ class Models:
 def load_models(settings: Settings) -> Models:
     """The served models: refuses (ValueError) a threshold the calibration table cannot place."""
     pipeline = load_pipeline(settings)
-    threshold = Threshold.from_settings(settings, pipeline.towers.calibration)
+    fusion = pipeline.fusion
+    if fusion is None:
+        threshold = Threshold.from_settings(settings, pipeline.towers.calibration)
+        scoring = Scoring(pipeline.primary, threshold)
+    else:
+        threshold = Threshold.from_settings(settings, fusion.calibration)
+        far = threshold.far if threshold.far is not None else settings.far_target
+        fallback = {name: Threshold.from_calibration(t.calibration, score=None, far_target=far)
+                    for name, t in pipeline.families.items()}
+        scoring = Scoring("fused", threshold, fuse=fusion.score, fallback=fallback)
     log.info("loaded %s (detector %s) on %s; threshold %.4f (FAR %s)", pipeline.model_version,
              pipeline.detector_version, pipeline.providers[0], threshold.score, threshold.far)
-    return Models(pipeline, threshold)
+    return Models(pipeline, scoring)

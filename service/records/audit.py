@@ -37,6 +37,8 @@ HASHED_FIELDS = (
     "live_faces", "live_box", "live_quality", "live_sha256",
     "error_code", "error_field", "latency_ms", "timings_ms", "prev_hash",
 )
+# Added later (migration 0003): hashed only when set, so records written before them still verify.
+HASHED_IF_SET = ("scores", "scoring")
 FLOAT_FIELDS = {"score", "threshold", "far_target", "latency_ms"}
 SIDE_FIELDS = {"id_photo": "id", "live_photo": "live"}
 
@@ -84,6 +86,7 @@ def _canonical_value(name: str, value: Any) -> Any:
 
 def canonical(record: AuditRecord) -> bytes:
     content = {name: _canonical_value(name, getattr(record, name)) for name in HASHED_FIELDS}
+    content.update({name: getattr(record, name) for name in HASHED_IF_SET if getattr(record, name) is not None})
     return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False).encode("utf-8")
 
@@ -150,6 +153,8 @@ def to_public(record: AuditRecord) -> dict:
         "reference": record.reference,
         "decision": record.decision,
         "score": record.score,
+        "scores": record.scores,
+        "scoring": record.scoring,
         "threshold": record.threshold,
         "far_target": record.far_target,
         "model_version": record.model_version,

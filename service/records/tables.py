@@ -51,6 +51,8 @@ class AuditRecord(Base):
     threshold: Mapped[float | None] = mapped_column(Float)
     far_target: Mapped[float | None] = mapped_column(Float)          # FAR the threshold stands for
     model_version: Mapped[str | None] = mapped_column(String(64))
+    scores: Mapped[dict | None] = mapped_column(Json)                # family -> score (migration 0003)
+    scoring: Mapped[str | None] = mapped_column(String(32))          # a family, fused, fallback:<family>
 
     id_faces: Mapped[int | None] = mapped_column(Integer)
     id_box: Mapped[list | None] = mapped_column(Json)

@@ -218,7 +218,7 @@ def test_unexpected_failure_is_500_audited_and_logged(make_client, models, bundl
     def broken(*_args):
         raise RuntimeError("tower exploded")
 
-    monkeypatch.setattr(models.pipeline, "compare", broken)
+    monkeypatch.setattr(models.pipeline, "scores", broken)
     face = (bundled_images / "Tom_Hanks_54745.png").read_bytes()
     r = client.post("/verify", headers={"X-API-Key": role_keys["kiosk"]},
                     files={"id_photo": ("a", face), "live_photo": ("b", face)})

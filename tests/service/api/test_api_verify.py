@@ -14,7 +14,7 @@ from sqlalchemy import select
 from service.records import audit, keys
 from service.records.tables import AuditRecord
 
-ANSWER_KEYS = {"request_id", "decision", "score", "threshold", "far_target", "model_version", "faces", "timings_ms"}
+ANSWER_KEYS = {"request_id", "decision", "score", "threshold", "far_target", "scores", "scoring", "model_version", "faces", "timings_ms"}
 FACE_KEYS = {"box", "landmarks", "detection_score", "face_px", "faces_seen", "quality"}
 
 
