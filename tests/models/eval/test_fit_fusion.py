@@ -29,7 +29,7 @@ def test_small_fit_writes_a_fusion_the_loader_accepts(tmp_path, monkeypatch, lfw
     from models.build import fit_fusion
 
     repo = tmp_path / "repository"
-    for name in ("mtcnn", "sface", "towers/dual-v2"):
+    for name in ("mtcnn", "yunet", "sface", "towers/dual-v2"):
         shutil.copytree(REPO / name, repo / name)
     monkeypatch.setenv("IDV_MODELS_DIR", str(repo))
     monkeypatch.setenv("IDV_ONNX_THREADS", "1")
