@@ -126,6 +126,17 @@ def crop_batch(img: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ detector
 
+
+def working_scale(h: int, w: int, max_side: int, min_side: int) -> float:
+    """Scale applied before detection (every detector): down so the longer side <= max_side; up
+    so the shorter side >= min_side, but never so far that the longer side passes max_side."""
+    long_side, short_side = max(h, w), min(h, w)
+    if long_side > max_side:
+        return max_side / long_side
+    if short_side < min_side:
+        return max(1.0, min(min_side / short_side, max_side / long_side))
+    return 1.0
+
 class FaceDetector:
     def __init__(self, pnet, rnet, onet, *, min_face_size: float = 20.0, factor: float = 0.709,
                  thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
@@ -198,14 +209,7 @@ class FaceDetector:
         return faces
 
     def working_scale(self, h: int, w: int) -> float:
-        """Scale applied before the cascade: down so the longer side <= max_side; up so the
-        shorter side >= min_side, but never so far that the longer side passes max_side."""
-        long_side, short_side = max(h, w), min(h, w)
-        if long_side > self.max_side:
-            return self.max_side / long_side
-        if short_side < self.min_side:
-            return max(1.0, min(self.min_side / short_side, self.max_side / long_side))
-        return 1.0
+        return working_scale(h, w, self.max_side, self.min_side)
 
     # -------------------------------------------------------------------------------- cascade
 

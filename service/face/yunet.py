@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from service.face.artifacts import ArtifactError, load_manifest, verify_file
-from service.face.detect import DetectorArtifactError, Face, crop_batch, nms, regress, square
+from service.face.detect import DetectorArtifactError, Face, crop_batch, nms, regress, square, working_scale
 from service.runtime import make_session
 
 STRIDES = (8, 16, 32)
@@ -119,12 +119,7 @@ class YuNetDetector:
         return cls(make_session(path, providers, threads), manifest=manifest, refiner=refiner, **defaults)
 
     def working_scale(self, h: int, w: int) -> float:
-        long_side, short_side = max(h, w), min(h, w)
-        if long_side > self.max_side:
-            return self.max_side / long_side
-        if short_side < self.min_side:
-            return max(1.0, min(self.min_side / short_side, self.max_side / long_side))
-        return 1.0
+        return working_scale(h, w, self.max_side, self.min_side)
 
     def raw(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Boxes, scores, landmarks after NMS, best first, in the coordinates of `img` (RGB
