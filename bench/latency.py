@@ -160,6 +160,8 @@ def thread_info(pipeline, settings) -> str:
     import cv2
     import onnxruntime as ort
     sess = pipeline.towers.live.session
+    if not hasattr(sess, "get_session_options"):   # IDV_TOWER_BACKEND=triton: no local session
+        return f"towers on {sess.get_providers()}, cv2 threads={cv2.getNumThreads()}"
     so = sess.get_session_options()
     return (f"IDV_ONNX_THREADS={settings.onnx_threads} (0 = service default, service/threads.py), session intra_op={so.intra_op_num_threads} "
             f"inter_op={so.inter_op_num_threads}, providers={sess.get_providers()}, onnxruntime {ort.__version__}, "
