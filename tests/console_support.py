@@ -122,9 +122,16 @@ def headless_chromium(tmp_path: Path, *flags: str):
 
 
 def wait_for(condition, timeout=20.0, what="condition"):
+    """Poll `condition` until it is truthy. While a page is being replaced (a form was just
+    submitted), an element found a moment ago goes stale or is not there yet: poll again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except (StaleElementReferenceException, NoSuchElementException):
+            value = None
         if value:
             return value
         time.sleep(0.1)
