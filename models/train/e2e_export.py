@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.eval.metrics import far_key
 from models.train import crops as C
 from models.train import data as D
 from models.train.heads import ATTRIBUTES, DEMOGRAPHIC
-from models.train.probe import MASK_CANDIDATES, MASK_MIN_GAIN, _selectivity, head_groups, heatmap, ties_from
+from models.train.probe import mask_trials, write_unit_map
 
 
 def log(msg: str) -> None:
@@ -43,7 +42,6 @@ def load_e2e(run: Path):
 def probe(model, run: Path, crops_root: Path, settings) -> dict:
     from models.train.cache import occlude, photometrics, tower_template
     from models.train.e2e_data import embed
-    from models.train.fasteval import identity_verification
     reserved = D.reserved_identities(Path(settings.data_dir))
     template, _ = tower_template(settings.models_dir)
     rng = np.random.default_rng(0)
@@ -74,43 +72,9 @@ def probe(model, run: Path, crops_root: Path, settings) -> dict:
                 A[a].append(d[a][ok])
         if split == "val":
             val = d
-    Zs = np.concatenate(Z)
-    As = {a: np.concatenate(v).astype(np.float64) for a, v in A.items()}
-    attrs = list(ATTRIBUTES)
-    sel = np.stack([_selectivity(Zs, As[a], ATTRIBUTES[a]["kind"]) for a in attrs], axis=1)
-    groups = head_groups(model)
-    ties = ties_from(sel, attrs, groups)
-    # scoring-time masks, judged on fold 8 only
     ei, el = val_emb["chip"], val_emb["live"]
-    okc, okl, ident = val["chip_ok"][:, 0], val["live_ok"], val["identity"]
-    base = identity_verification(ei, okc, el, okl, ident)
-    trials = [{"mask_attributes": [], "units": [], "val": base}]
-    for combo in MASK_CANDIDATES:
-        units = sorted({u for a in combo for u in ties.get(a, [])})
-        m = np.ones(128, np.float32)
-        m[units] = 0.0
-        trials.append({"mask_attributes": list(combo), "units": units,
-                       "val": identity_verification(ei * m, okc, el * m, okl, ident)})
-    best = max(trials[1:], key=lambda t: t["val"]["ivs"][far_key(1e-3)])
-    use = best["val"]["ivs"][far_key(1e-3)] - base["ivs"][far_key(1e-3)] >= MASK_MIN_GAIN
-    mask = np.ones(128, np.float32)
-    if use:
-        mask[best["units"]] = 0.0
-    out = {
-        "attributes": attrs, "demographic": list(DEMOGRAPHIC), "n_rows": int(len(Zs)),
-        "selectivity": np.round(sel, 4).tolist(),
-        "head_group_norm": {a: np.round(g, 4).tolist() for a, g in groups.items()} if groups else None,
-        "ties": ties,
-        "top_units": {a: [int(u) for u in np.argsort(-sel[:, k])[:8]] for k, a in enumerate(attrs)},
-        "max_selectivity": {a: float(sel[:, k].max()) for k, a in enumerate(attrs)},
-        "scoring": {"use_mask": bool(use), "rule": f"mask kept only if validation (fold 8) LFW-IvS TAR@1e-3 gains "
-                    f">= {MASK_MIN_GAIN * 100:.1f} point", "chosen": best["mask_attributes"] if use else [],
-                    "mask": mask.tolist(), "trials": trials},
-        "note": "demographic heads are probes/training aids only; never part of /verify answers or audit",
-    }
-    (Path(run) / "unit_map.json").write_text(json.dumps(out, indent=1) + "\n")
-    heatmap(sel, attrs, Path(run) / "unit_map.png", f"unit selectivity - {Path(run).name}")
-    return out
+    return write_unit_map(model, np.concatenate(Z), {a: np.concatenate(v).astype(np.float64) for a, v in A.items()},
+                          run, lambda ties: mask_trials(ei, val["chip_ok"][:, 0], el, val["live_ok"], val["identity"], ties))
 
 
 def main(argv=None) -> int:

@@ -108,21 +108,17 @@ def heatmap(sel: np.ndarray, attrs: list[str], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def choose_mask(model, ties: dict, cache: Path, data_dir: Path) -> dict:
-    """Try masking nuisance-tied units on the validation identities; keep only a clear gain."""
+def mask_trials(ei, okc, el, okl, identities, ties: dict) -> dict:
+    """Try masking nuisance-tied units on validation embeddings; keep only a clear gain."""
     from models.train.fasteval import identity_verification
-    from models.train.runs import embed
-    d = load_split(cache, "lfw_val", reserved=D.reserved_identities(data_dir), cut=model.id.cut)
-    ei = embed(model.id, d["chip_feat"])
-    el = embed(model.live, d["live_feat"])
-    base = identity_verification(ei, d["chip_ok"], el, d["live_ok"], d["identity"])
+    base = identity_verification(ei, okc, el, okl, identities)
     trials = [{"mask_attributes": [], "units": [], "val": base}]
     for combo in MASK_CANDIDATES:
         units = sorted({u for a in combo for u in ties.get(a, [])})
         m = np.ones(128, np.float32)
         m[units] = 0.0
-        r = identity_verification(ei * m, d["chip_ok"], el * m, d["live_ok"], d["identity"])
-        trials.append({"mask_attributes": list(combo), "units": units, "val": r})
+        trials.append({"mask_attributes": list(combo), "units": units,
+                       "val": identity_verification(ei * m, okc, el * m, okl, identities)})
     best = max(trials[1:], key=lambda t: t["val"]["ivs"]["1e-03"])
     use = best["val"]["ivs"]["1e-03"] - base["ivs"]["1e-03"] >= MASK_MIN_GAIN
     mask = np.ones(128, np.float32)
@@ -133,13 +129,21 @@ def choose_mask(model, ties: dict, cache: Path, data_dir: Path) -> dict:
             "mask": mask.tolist(), "trials": trials}
 
 
-def run_probe(model, run: Path, cache: Path, data_dir: Path, title: str = "") -> dict:
-    Z, A = probe_data(model, cache, data_dir)
+def choose_mask(model, ties: dict, cache: Path, data_dir: Path) -> dict:
+    """`mask_trials` on the cached fold-8 activations."""
+    from models.train.runs import embed
+    d = load_split(cache, "lfw_val", reserved=D.reserved_identities(data_dir), cut=model.id.cut)
+    return mask_trials(embed(model.id, d["chip_feat"]), d["chip_ok"], embed(model.live, d["live_feat"]),
+                       d["live_ok"], d["identity"], ties)
+
+
+def write_unit_map(model, Z: np.ndarray, A: dict, run: Path, scoring_for, title: str = "") -> dict:
+    """Selectivity of every unit for every attribute, the units tied to each head, the scoring
+    decision (`scoring_for(ties) -> dict`): unit_map.json + unit_map.png in `run`."""
     attrs = list(ATTRIBUTES)
     sel = np.stack([_selectivity(Z, A[a], ATTRIBUTES[a]["kind"]) for a in attrs], axis=1)  # (128, n_attr)
     groups = head_groups(model)
     ties = ties_from(sel, attrs, groups)
-    scoring = choose_mask(model, ties, cache, data_dir)
     out = {
         "attributes": attrs,
         "demographic": list(DEMOGRAPHIC),
@@ -149,10 +153,15 @@ def run_probe(model, run: Path, cache: Path, data_dir: Path, title: str = "") ->
         "ties": ties,
         "top_units": {a: [int(u) for u in np.argsort(-sel[:, k])[:8]] for k, a in enumerate(attrs)},
         "max_selectivity": {a: float(sel[:, k].max()) for k, a in enumerate(attrs)},
-        "scoring": scoring,
+        "scoring": scoring_for(ties),
         "note": "demographic heads are probes/training aids only; never part of /verify answers or audit",
     }
     run = Path(run)
     (run / "unit_map.json").write_text(json.dumps(out, indent=1) + "\n")
     heatmap(sel, attrs, run / "unit_map.png", title or f"unit selectivity - {run.name}")
     return out
+
+
+def run_probe(model, run: Path, cache: Path, data_dir: Path, title: str = "") -> dict:
+    Z, A = probe_data(model, cache, data_dir)
+    return write_unit_map(model, Z, A, run, lambda ties: choose_mask(model, ties, cache, data_dir), title)
