@@ -5,7 +5,6 @@ the box drawn, scaled down, re-encoded as JPEG. What that decoder refuses is not
 from __future__ import annotations
 
 import cv2
-import numpy as np
 
 MAX_SIDE = 640
 BOX_COLOUR = (0, 230, 64)    # RGB, a bright green that stands out on skin and backgrounds

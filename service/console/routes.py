@@ -5,8 +5,7 @@ POST /console/login            key -> server-side session cookie; kiosk keys are
 POST /console/logout           ends the session (CSRF)
 GET  /console                  records, newest first: filters, counts, keyset paging
 GET  /console/export.csv       the filtered list as CSV
-GET  /console/records/{id}     one record: every field, faces, hashes, chain state, images
-GET  /console/records/{id}/images/{side}   a retained image with its face box (decrypted here)
+GET  /console/records/{id}     one record, and its retained images (record_page.py)
 GET  /console/overview         decisions over time, score histograms, errors, latency (SVG)
 GET  /console/chain            the chain's state (last full verification, re-run when stale)
 POST /console/chain/verify     re-run the verification now (CSRF)
@@ -23,14 +22,13 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
-from service.records import audit, keys, retention
+from service.errors import INVALID_REQUEST, ApiError
+from service.records import audit, keys
 from service.console import charts, csrf, sessions, stats
-from service.console.images import annotated_jpeg
-from service.records.engine import read_session
 from service.records.tables import ApiKey
 
 log = logging.getLogger("idverify.console")
@@ -120,6 +118,20 @@ def _to_login(request: Request) -> Response:
 
 def _message(request: Request, principal, status: int, title: str, text: str) -> Response:
     return _render(request, "message.html", principal, status=status, title=title, text=text)
+
+
+def _refuse_filters(request: Request, principal, title: str, raw: dict, errors: list, **ctx) -> Response:
+    """400 for refused query values (list, overview, export): the error envelope for a client
+    that asks for JSON; otherwise the filter form again, filled in, with each refused value
+    named and nothing queried."""
+    first = errors[0]
+    message = "; ".join(map(str, errors))
+    accept = request.headers.get("accept", "")
+    if "application/json" in accept and "text/html" not in accept:
+        body = ApiError(INVALID_REQUEST, message, first.field).to_dict()
+        return _harden(JSONResponse(body, status_code=400))
+    return _render(request, "refused.html", principal, status=400, title=title, filters=raw, errors=errors,
+                   code=INVALID_REQUEST, field=first.field, **ctx)
 
 
 def _safe_next(request: Request, value: str | None) -> str:
@@ -264,13 +276,15 @@ def records(request: Request) -> Response:
     flt, raw, errors = stats.parse_filters(request.query_params)
     limit = stats.page_size(request.query_params)
     cursor = request.query_params.get("cursor") or None
-    try:
-        rows, next_cursor = audit.query(engine, flt, limit, cursor)
-    except ValueError:
-        errors.append("the paging cursor is not valid; showing the newest records")
-        cursor = None
-        rows, next_cursor = audit.query(engine, flt, limit)
+    if cursor is not None:
+        try:
+            audit.decode_cursor(cursor)
+        except ValueError:
+            errors.append(stats.FilterError("cursor", "not a paging cursor of this list (follow the Older link)"))
     raw_limit = str(limit) if limit != 50 else ""
+    if errors:
+        return _refuse_filters(request, principal, "Records", raw, errors, page_sizes=stats.PAGE_SIZES, limit=limit)
+    rows, next_cursor = audit.query(engine, flt, limit, cursor)
     return _render(
         request, "list.html", principal, title="Records", filters=raw, errors=errors,
         records=[audit.to_public(r) for r in rows], counts=stats.counts(engine, flt), limit=limit,
@@ -290,69 +304,14 @@ def export_csv(request: Request) -> Response:
     principal = _principal(request)
     if principal is None:
         return _to_login(request)
-    flt, _raw, errors = stats.parse_filters(request.query_params)
+    flt, raw, errors = stats.parse_filters(request.query_params)
     if errors:
-        return _message(request, principal, 400, "Invalid filter", "; ".join(errors))
+        return _refuse_filters(request, principal, "Export", raw, errors)
     log.info("console CSV export by key %d", principal.key_id)
     name = f"idverify-audit-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.csv"
     response = StreamingResponse(stats.csv_lines(_state(request).engine, flt), media_type="text/csv; charset=utf-8",
                                  headers={"Content-Disposition": f'attachment; filename="{name}"'})
     return _harden(response)
-
-
-# --- one record -----------------------------------------------------------------------------
-
-@router.get("/records/{record_id}")
-def record_detail(record_id: str, request: Request) -> Response:
-    principal = _principal(request)
-    if principal is None:
-        return _to_login(request)
-    state = _state(request)
-    record = audit.get(state.engine, record_id[:64])
-    if record is None:
-        return _message(request, principal, 404, "Not found", f"There is no audit record {record_id[:64]}.")
-    key = None
-    if record.key_id is not None:
-        with read_session(state.engine) as s:
-            key = s.get(ApiKey, record.key_id)
-    sides = retention.stored_sides(state.engine, record.id)
-    chain_run = _chain_cache(request).current(state.engine, refresh="background")
-    return _render(
-        request, "detail.html", principal, title=f"Record {record.seq}", r=audit.to_public(record),
-        key=keys.public(key) if key else None,
-        chain_state=stats.record_chain_state(state.engine, record, chain_run), chain=chain_run,
-        images={side: f"{_base(request)}/records/{record.id}/images/{side}" for side in sides},
-        retain_on=state.settings.retain_images, can_decrypt=getattr(state, "image_cipher", None) is not None,
-        retain_until=audit.utc(record.retain_until).strftime("%Y-%m-%d %H:%M UTC") if record.retain_until else None,
-    )
-
-
-@router.get("/records/{record_id}/images/{side}")
-def record_image(record_id: str, side: str, request: Request) -> Response:
-    principal = _principal(request)
-    if principal is None:
-        return _to_login(request)
-    if side not in ("id", "live"):
-        return _harden(Response("unknown side", status_code=404, media_type="text/plain"))
-    state = _state(request)
-    record = audit.get(state.engine, record_id[:64])
-    if record is None:
-        return _harden(Response("no such record", status_code=404, media_type="text/plain"))
-    try:
-        data = retention.load(state.engine, getattr(state, "image_cipher", None), record.id, side)
-    except retention.ImageDecryptError as exc:
-        log.warning("retained image %s/%s does not decrypt: %s", record.id, side, exc)
-        return _harden(Response("the image cannot be decrypted with the configured IDV_IMAGE_KEY",
-                                status_code=409, media_type="text/plain"))
-    if data is None:
-        return _harden(Response("no image retained", status_code=404, media_type="text/plain"))
-    field = "id_photo" if side == "id" else "live_photo"
-    try:
-        jpeg = annotated_jpeg(data, getattr(record, f"{side}_box"), field, state.settings)
-    except ValueError as exc:
-        return _harden(Response(str(exc), status_code=422, media_type="text/plain"))
-    log.info("console image view %s/%s by key %d", record.id, side, principal.key_id)
-    return _harden(Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store, private"}))
 
 
 # --- overview and chain ---------------------------------------------------------------------
@@ -365,6 +324,8 @@ def overview(request: Request) -> Response:
     now = datetime.now(timezone.utc)
     flt, raw, errors = stats.parse_filters(request.query_params,
                                            default_since=now - timedelta(days=stats.OVERVIEW_DEFAULT_DAYS))
+    if errors:
+        return _refuse_filters(request, principal, "Overview", raw, errors)
     ov = stats.overview(_state(request).engine, flt, now)
     lat = ov.latency.get("all", {})
     latency_bars = [(name, lat[name]) for name in ("p50", "p90", "p95", "p99", "max") if name in lat]

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, NamedTuple
 
 import numpy as np
 from sqlalchemy import Engine, func, select
@@ -32,15 +32,24 @@ ERROR_CODES = tuple(sorted({v for k, v in vars(error_codes).items() if k.isupper
 
 # --- filters --------------------------------------------------------------------------------
 
+class FilterError(NamedTuple):
+    """One refused query value: the field and what it must be (shown as "field: message")."""
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
 def _parse_time(value: str) -> datetime:
     dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
 
 
 def parse_filters(params: Mapping[str, str], default_since: datetime | None = None
-                  ) -> tuple[AuditFilter, dict[str, str], list[str]]:
-    """Query parameters -> (filter, the raw values to show back in the form, error messages).
-    Blank fields mean "any"; an invalid field is reported and ignored, never a 500.
+                  ) -> tuple[AuditFilter, dict[str, str], list[FilterError]]:
+    """Query parameters -> (filter, the raw values to show back in the form, refused values).
+    Blank fields mean "any"; the pages answer 400 when any value is refused, never a 500.
     `default_since` applies when `since` is absent (not when it was sent blank)."""
     raw = {name: (params.get(name) or "").strip() for name in FILTER_FIELDS}
     if "since" not in params and default_since is not None:
@@ -51,15 +60,15 @@ def parse_filters(params: Mapping[str, str], default_since: datetime | None = No
             try:
                 setattr(flt, name, _parse_time(raw[name]))
             except ValueError:
-                errors.append(f"{name}: not a date and time (use YYYY-MM-DDTHH:MM, UTC)")
+                errors.append(FilterError(name, "not a date and time (use YYYY-MM-DDTHH:MM, UTC)"))
     if raw["decision"]:
         if raw["decision"] in DECISIONS:
             flt.decision = raw["decision"]
         else:
-            errors.append(f"decision: one of {', '.join(DECISIONS)}")
+            errors.append(FilterError("decision", f"one of {', '.join(DECISIONS)}"))
     for name in ("device_id", "reference", "error_code"):
         if "\x00" in raw[name]:
-            errors.append(f"{name}: contains a NUL byte")
+            errors.append(FilterError(name, "contains a NUL byte"))
         elif raw[name]:
             setattr(flt, name, raw[name][:256])
     for name in ("min_score", "max_score"):
@@ -70,7 +79,7 @@ def parse_filters(params: Mapping[str, str], default_since: datetime | None = No
                     raise ValueError
                 setattr(flt, name, v)
             except ValueError:
-                errors.append(f"{name}: a number from 0 to 1")
+                errors.append(FilterError(name, "a number from 0 to 1"))
     return flt, raw, errors
 
 

@@ -215,15 +215,29 @@ def test_list_filters_and_counts(client, engine, role_keys):
     assert "<strong>6</strong> records" in r.text and "0 match" in r.text
 
 
-def test_invalid_filters_are_reported_not_500(client, engine, role_keys):
+def test_invalid_filters_answer_400_with_the_form_and_each_value_named(client, engine, role_keys):
     seed(engine)
     sign_in(client, role_keys["operator"])
-    r = client.get("/console", params={"since": "yesterday", "min_score": "2", "decision": "maybe",
-                                       "cursor": "garbage"})
-    assert r.status_code == 200
-    for msg in ("since: not a date", "min_score: a number from 0 to 1", "decision: one of", "cursor is not valid"):
-        assert msg in r.text
-    assert len(_rows(r.text)) == 18
+    bad = {"since": "yesterday", "min_score": "2", "decision": "maybe", "cursor": "garbage"}
+    for page in ("/console", "/console/overview", "/console/export.csv"):
+        r = client.get(page, params=bad)
+        assert r.status_code == 400, (page, r.status_code)
+        assert r.headers["content-type"].startswith("text/html")
+        for msg in ("since: not a date", "min_score: a number from 0 to 1", "decision: one of"):
+            assert msg in r.text, (page, msg)
+        assert 'data-code="invalid_request"' in r.text and 'data-field="since"' in r.text
+        assert 'value="yesterday"' in r.text          # the form comes back filled in, to correct
+        assert _rows(r.text) == []                     # nothing was queried
+    assert "cursor: not a paging cursor" in client.get("/console", params={"cursor": "garbage"}).text
+    assert client.get("/console", params={"cursor": "garbage"}).status_code == 400
+    # a client that asks for JSON gets the API's error envelope
+    r = client.get("/console", params={"min_score": "2"}, headers={"Accept": "application/json"})
+    assert r.status_code == 400
+    assert r.json() == {"error": {"code": "invalid_request", "field": "min_score",
+                                  "message": "min_score: a number from 0 to 1"}}
+    # the same page with valid values is a 200 with every record
+    r = client.get("/console", params={"since": "2000-01-01T00:00"})
+    assert r.status_code == 200 and len(_rows(r.text)) == 18
 
 
 def test_keyset_paging_walks_every_record_once(client, engine, role_keys):
