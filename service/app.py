@@ -6,6 +6,7 @@ bootstrap admin key when IDV_BOOTSTRAP_ADMIN_KEY is set.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
 from contextlib import asynccontextmanager
@@ -161,6 +162,9 @@ def _cmd_serve(args) -> int:
     config = uvicorn_config("service.app:create_app", settings, factory=True, workers=n, host=host, port=port,
                             log_level="info", timeout_graceful_shutdown=10)
     install_log_throttle()
-    server = uvicorn.Server(config)
-    Multiprocess(config, target=server.run, sockets=[config.bind_socket()]).run()
+    sockets = [config.bind_socket()]
+    if "target" in inspect.signature(Multiprocess.__init__).parameters:   # uvicorn < 0.30
+        Multiprocess(config, target=uvicorn.Server(config).run, sockets=sockets).run()
+    else:   # each worker process builds its own Server from the config
+        Multiprocess(config, sockets=sockets).run()
     return 0

@@ -101,11 +101,28 @@ def protocol_for(settings, descriptors: int | None = None) -> type[GuardedH11Pro
         "header_timeout": float(settings.header_timeout_seconds), "max_connections": cap})
 
 
+def __getattr__(name: str):
+    """`WorkerH11Protocol`: the guarded protocol built in each uvicorn worker process from its
+    own settings (IDV_ environment) and descriptor limit. Several workers are spawned processes
+    that receive the config pickled, and a class made at run time does not pickle: they get
+    this import path instead (PEP 562 module attribute, built once per process)."""
+    if name == "WorkerH11Protocol":
+        from service.settings import get_settings
+
+        cls = protocol_for(get_settings(), raise_descriptor_limit())
+        cls.__name__ = cls.__qualname__ = name
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def uvicorn_config(app, settings, **kw):
     import uvicorn
 
+    several = int(kw.get("workers") or 1) > 1
+    http = "service.server:WorkerH11Protocol" if several else protocol_for(settings, raise_descriptor_limit())
     return uvicorn.Config(
-        app, http=protocol_for(settings, raise_descriptor_limit()), timeout_keep_alive=settings.keep_alive_seconds,
+        app, http=http, timeout_keep_alive=settings.keep_alive_seconds,
         h11_max_incomplete_event_size=settings.max_header_bytes, backlog=1024, **kw)
 
 

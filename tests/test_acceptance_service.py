@@ -5,7 +5,9 @@ paging through the 20 audit rows, and the role matrix. Once on SQLite (the embed
 and once on PostgreSQL."""
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,25 +29,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def server(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'var' / 'idverify.db'}"
-        (tmp_path / "var").mkdir()
-    else:
-        url = request.getfixturevalue("pg_database_factory")()
+@contextlib.contextmanager
+def _serve(tmp_path: Path, url: str, **extra_env: str):
+    """`idverify migrate` then `idverify serve` on a free port; yields (base URL, log path)."""
     port = _free_port()
     env = {**os.environ, "IDV_DATABASE_URL": url, "IDV_PORT": str(port), "IDV_HOST": "127.0.0.1",
-           "IDV_BOOTSTRAP_ADMIN_KEY": ADMIN, "IDV_RATE_LIMIT_PER_MINUTE": "0"}
+           "IDV_BOOTSTRAP_ADMIN_KEY": ADMIN, "IDV_RATE_LIMIT_PER_MINUTE": "0", **extra_env}
     cli = [sys.executable, "-m", "service.cli"]
     subprocess.run(cli + ["migrate"], env=env, cwd=tmp_path, check=True, capture_output=True)
-    log = open(tmp_path / "serve.log", "wb")
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "wb")
     proc = subprocess.Popen(cli + ["serve"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
         while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert proc.poll() is None, log_path.read_text()[-3000:]
             try:
                 if httpx.get(base + "/readyz", timeout=2).status_code == 200:
                     break
@@ -53,11 +52,43 @@ def server(request, tmp_path):
                 pass
             assert time.time() < deadline, "service did not become ready in 120 s"
             time.sleep(0.5)
-        yield base
+        yield base, log_path
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'var' / 'idverify.db'}"
+        (tmp_path / "var").mkdir()
+    else:
+        url = request.getfixturevalue("pg_database_factory")()
+    with _serve(tmp_path, url) as (base, _log):
+        yield base
+
+
+def test_serve_with_several_workers(tmp_path, lfw, pg_database_factory):
+    """IDV_WORKERS=2 (what the default gives a 4-core box): two worker processes on one port,
+    each with its own models, both answering /verify with their audit records in one chain."""
+    with _serve(tmp_path, pg_database_factory(), IDV_WORKERS="2") as (base, log_path):
+        deadline = time.time() + 60
+        while len(re.findall(r"Started server process \[(\d+)\]", log_path.read_text())) < 2:
+            assert time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        r = httpx.post(base + "/admin/keys", json={"role": "kiosk", "name": "k"}, headers={"X-API-Key": ADMIN})
+        kiosk = {"X-API-Key": r.json()["key"]}
+        a, b, _same = _pairs(lfw, 2)[0]
+        files = {"id_photo": a.read_bytes(), "live_photo": b.read_bytes()}
+        with httpx.Client(base_url=base, headers=kiosk, timeout=60) as c1, \
+                httpx.Client(base_url=base, headers=kiosk, timeout=60) as c2:
+            answers = [c.post("/verify", files=files) for c in (c1, c2) for _ in range(3)]
+        assert [r.status_code for r in answers] == [200] * 6, [r.text for r in answers]
+        assert len({r.json()["request_id"] for r in answers}) == 6
+        r = httpx.get(base + "/audit", params={"limit": 50}, headers={"X-API-Key": ADMIN})
+        assert r.status_code == 200 and len(r.json()["items"]) == 6
 
 
 def _pairs(lfw: Path, n: int) -> list[tuple[Path, Path, bool]]:
