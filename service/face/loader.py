@@ -9,7 +9,9 @@ the class that runs it); `IDV_DETECTOR_VERSION` and `IDV_TOWER_VERSION` name ver
 models/repository/<detector>/ and models/repository/towers/ ("current" = the one CURRENT names).
 `IDV_SCORING` picks what decides: `towers` (that family alone), `sface` (SFace at
 `IDV_SFACE_VERSION` alone) or `fused` (both, and the fusion at `IDV_FUSION_VERSION`, which must
-name exactly the member versions loaded, else the service refuses to start).
+name exactly the member versions loaded, else the service refuses to start; with
+`IDV_TOWER_VERSION=current` the fused pipeline loads the towers version its fusion names, which
+need not be the one towers/CURRENT names).
 """
 from __future__ import annotations
 
@@ -63,12 +65,15 @@ def load_pipeline(settings: Settings) -> Pipeline:
 
     if settings.scoring == "sface":
         return Pipeline(settings, detector, family(SFACE, settings.sface_version))
-    towers = family(settings.towers, settings.tower_version)
     if settings.scoring == "towers":
-        return Pipeline(settings, detector, towers)
+        return Pipeline(settings, detector, family(settings.towers, settings.tower_version))
     from service.face.fusion import load_fusion
 
     fusion = load_fusion(settings.models_dir, settings.fusion_version)
+    tower_version = settings.tower_version
+    if tower_version.strip().lower() == "current" and settings.towers in fusion.manifest["members"]:
+        tower_version = fusion.manifest["members"][settings.towers]["version"]   # the fusion's own towers
+    towers = family(settings.towers, tower_version)
     extra = {name: family(name, want["version"]) for name, want in fusion.manifest["members"].items()
              if name != towers.manifest["name"]}
     fusion.check_members({towers.manifest["name"]: towers, **extra})

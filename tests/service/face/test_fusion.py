@@ -124,3 +124,17 @@ def test_refuses_a_fusion_whose_members_are_not_the_loaded_ones(repo_copy):
     (folder / "calibration.json").write_text("{}")
     with pytest.raises(ArtifactError, match="SHA-256"):
         load_pipeline(Settings(models_dir=repo_copy, scoring="fused"))
+
+
+def test_current_towers_under_fusion_are_the_fusions_own(repo_copy):
+    """IDV_TOWER_VERSION=current with IDV_SCORING=fused loads the towers the fusion was fit on,
+    whatever towers/CURRENT names; naming another version explicitly is refused."""
+    fusion = load_fusion(repo_copy, "current")
+    fit_on = fusion.manifest["members"]["towers"]["version"]
+    (repo_copy / "towers" / "CURRENT").write_text("dual-v2-int8\n")
+    assert fit_on != "dual-v2-int8"
+    p = load_pipeline(Settings(models_dir=repo_copy, scoring="fused"))
+    assert p.towers.version == f"towers:{fit_on}"
+    assert load_pipeline(Settings(models_dir=repo_copy, scoring="towers")).towers.version == "towers:dual-v2-int8"
+    with pytest.raises(ArtifactError, match="was fit on towers:"):
+        load_pipeline(Settings(models_dir=repo_copy, scoring="fused", tower_version="dual-v2-int8"))
