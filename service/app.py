@@ -163,7 +163,7 @@ def _cmd_serve(args) -> int:
                             log_level="info", timeout_graceful_shutdown=10)
     install_log_throttle()
     sockets = [config.bind_socket()]
-    if "target" in inspect.signature(Multiprocess.__init__).parameters:   # uvicorn < 0.30
+    if "target" in inspect.signature(Multiprocess.__init__).parameters:   # uvicorn 0.30-0.36 at least
         Multiprocess(config, target=uvicorn.Server(config).run, sockets=sockets).run()
     else:   # each worker process builds its own Server from the config
         Multiprocess(config, sockets=sockets).run()

@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib
@@ -715,34 +716,48 @@ def _http_json(url: str, body: dict | None = None, timeout: float = 30):
         return json.loads(response.read() or b"null")
 
 
-def test_real_triton_server_serves_the_towers(tmp_path):
+@contextlib.contextmanager
+def triton_server(tmp_path):
+    """A real tritonserver on deploy/triton's model repository (built into tmp_path), ready to
+    serve; skips with the reason where none can run. Yields (builder, plan, http_port, grpc_port)."""
     binary, backends = _tritonserver()
     if binary is None:
         pytest.skip(f"no Triton server with the ONNX Runtime backend can run here: {backends}")
     if not _has_gpu():
-        pytest.skip("the configs ask for KIND_GPU instances and this machine has no GPU (nvidia-smi -L)")
-    np = pytest.importorskip("numpy")
-    ort = pytest.importorskip("onnxruntime")
+        pytest.skip("the Triton configs ask for KIND_GPU instances and this machine has no GPU (nvidia-smi -L)")
     builder = _builder()
     repo = tmp_path / "model_repository"
     plan = builder.build(repo)
-    http_port = _free_port()
+    http_port, grpc_port = _free_port(), _free_port()
     server = subprocess.Popen(
         [str(binary), f"--model-repository={repo}", f"--backend-directory={backends}",
-         f"--http-port={http_port}", f"--grpc-port={_free_port()}", "--allow-metrics=false",
+         f"--http-port={http_port}", f"--grpc-port={grpc_port}", "--allow-metrics=false",
          "--exit-on-error=true", "--strict-readiness=true"],
         stdout=open(tmp_path / "triton.log", "wb"), stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{http_port}"
     try:
         deadline = time.monotonic() + 180
         while True:
             assert server.poll() is None, (tmp_path / "triton.log").read_text()[-4000:]
             try:
-                urllib.request.urlopen(f"{base}/v2/health/ready", timeout=2)
+                urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2)
                 break
             except OSError:
                 assert time.monotonic() < deadline, "Triton not ready in 180 s"
                 time.sleep(1)
+        yield builder, plan, http_port, grpc_port
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_real_triton_server_serves_the_towers(tmp_path):
+    np = pytest.importorskip("numpy")
+    ort = pytest.importorskip("onnxruntime")
+    with triton_server(tmp_path) as (builder, plan, http_port, _grpc_port):
+        base = f"http://127.0.0.1:{http_port}"
         rng = np.random.default_rng(0)
         batch = rng.uniform(0, 255, size=(3, 150, 150, 3)).astype(np.float32)
         for model, item in builder.plan(plan["tower_version"])["models"].items():
@@ -758,9 +773,3 @@ def test_real_triton_server_serves_the_towers(tmp_path):
             session = ort.InferenceSession(str(item["source"]), providers=["CPUExecutionProvider"])
             want = session.run(["embedding"], {"image": batch})[0]
             np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()

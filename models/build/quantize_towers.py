@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from models.build import calibrate
-from models.eval.embedder import Embedder
+from models.eval.embedder import FIELD, Embedder
 from models.eval.pairs import fold_identities, read_pairs
 from service.errors import ApiError
 from service.face.artifacts import sha256_file
@@ -38,7 +38,6 @@ from service.face.loader import load_pipeline
 from service.settings import get_settings
 
 EXCLUDED_FOLDS = (8, 9, 10)   # validation and evaluation identities never calibrate the quantizer
-FIELD = {"id": "id_photo", "live": "live_photo"}
 
 
 def calibration_people(data_dir: Path, n: int, seed: int = 0) -> list[str]:

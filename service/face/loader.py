@@ -71,8 +71,9 @@ def load_pipeline(settings: Settings) -> Pipeline:
 
     fusion = load_fusion(settings.models_dir, settings.fusion_version)
     tower_version = settings.tower_version
-    if tower_version.strip().lower() == "current" and settings.towers in fusion.manifest["members"]:
-        tower_version = fusion.manifest["members"][settings.towers]["version"]   # the fusion's own towers
+    # "current" as resolve_version reads it: the fusion's own towers
+    if tower_version == "current" and settings.towers in fusion.manifest["members"]:
+        tower_version = fusion.manifest["members"][settings.towers]["version"]
     towers = family(settings.towers, tower_version)
     extra = {name: family(name, want["version"]) for name, want in fusion.manifest["members"].items()
              if name != towers.manifest["name"]}

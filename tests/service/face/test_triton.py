@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -108,43 +107,15 @@ def test_tritonclient_imported_only_when_asked_for():
 def test_real_triton_server(tmp_path):
     """The served towers through a real tritonserver (deploy/triton's repository) against the
     local sessions. Needs a tritonserver with the onnxruntime backend and a GPU (the configs
-    ask for KIND_GPU); elsewhere skipped with the reason (tests/test_deploy_k8s.py finds both)."""
+    ask for KIND_GPU); elsewhere skipped with the reason (tests/test_deploy_k8s.py starts it)."""
     import test_deploy_k8s as k8s
 
-    binary, backends = k8s._tritonserver()
-    if binary is None:
-        pytest.skip(f"no Triton server with the ONNX Runtime backend can run here: {backends}")
-    if not k8s._has_gpu():
-        pytest.skip("the Triton configs ask for KIND_GPU instances and this machine has no GPU (nvidia-smi -L)")
-    repo = tmp_path / "model_repository"
-    k8s._builder().build(repo)
-    grpc_port = k8s._free_port()
-    server = subprocess.Popen([str(binary), f"--model-repository={repo}", f"--backend-directory={backends}",
-                               f"--grpc-port={grpc_port}", f"--http-port={k8s._free_port()}",
-                               "--allow-metrics=false", "--exit-on-error=true", "--strict-readiness=true"],
-                              stdout=open(tmp_path / "triton.log", "wb"), stderr=subprocess.STDOUT)
-    try:
+    with k8s.triton_server(tmp_path) as (_builder, _plan, _http_port, grpc_port):
         url = f"127.0.0.1:{grpc_port}"
-        client = grpcclient.InferenceServerClient(url=url)
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "triton.log").read_text()[-4000:]
-            try:
-                if client.is_server_ready():
-                    break
-            except Exception:  # noqa: BLE001 - not up yet
-                pass
-            assert time.monotonic() < deadline, "Triton not ready in 180 s"
-            time.sleep(1)
+        assert grpcclient.InferenceServerClient(url=url).is_server_ready()
         local = load_pipeline(Settings(onnx_threads=1))
         remote = load_pipeline(Settings(onnx_threads=1, tower_backend="triton", triton_url=url))
         x = np.random.default_rng(1).integers(0, 256, (5, local.chip_size, local.chip_size, 3)).astype(np.uint8)
         for side in ("id", "live"):
             np.testing.assert_allclose(getattr(remote.towers, side).embed(x), getattr(local.towers, side).embed(x),
                                        rtol=1e-3, atol=1e-3)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
