@@ -23,7 +23,13 @@ def choose_providers(preference: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_session(path: Path, providers: list[str] | None = None, threads: int = 0) -> ort.InferenceSession:
+def make_session(path: Path | bytes, providers: list[str] | None = None, threads: int = 0,
+                 fold_dequantize: bool = False) -> ort.InferenceSession:
+    """`fold_dequantize` (a manifest's `runtime.fold_dequantize`): DequantizeLinear nodes on
+    constant weights are folded into float32 initializers when the session is built, so a graph
+    stored with block-quantised weights (small on disk) runs as fast as its float32 form instead
+    of dequantising at every call. Only for graphs without quantized kernels to fuse (QDQ models
+    such as the int8 towers need those nodes kept)."""
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
@@ -33,4 +39,8 @@ def make_session(path: Path, providers: list[str] | None = None, threads: int = 
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+    if fold_dequantize:
+        # QDQ handling off: constant folding then treats DequantizeLinear(constant) as foldable
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    model = path if isinstance(path, bytes) else str(path)   # a file, or a serialised graph
+    return ort.InferenceSession(model, sess_options=opts, providers=providers or ["CPUExecutionProvider"])

@@ -36,8 +36,8 @@ class Settings(BaseSettings):
     batch_max: int = 16             # rows per batched tower call
     tower_backend: str = "onnxruntime"  # onnxruntime | triton (IDV_TRITON_URL, models idverify_id/idverify_live)
     triton_url: str = "127.0.0.1:8001"  # gRPC host:port of a Triton server
-    scoring: str = "towers"         # towers | sface | fused: which family's score decides, or the fusion of both
-    sface_version: str = "1"        # version folder of models/repository/sface/ (scoring sface or fused)
+    scoring: str = "fused"          # fused | towers | sface: the fusion of both families (its members' versions), or one family alone
+    sface_version: str = "2"        # version folder of models/repository/sface/ (scoring sface)
     fusion_version: str = "current" # version folder of models/repository/fusion/ (scoring fused; "current" = its CURRENT)
     providers: str = "auto"         # auto | cpu | cuda
 

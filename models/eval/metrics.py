@@ -170,15 +170,20 @@ def roc_points(genuine_scores, impostor_scores, n_points: int = 400) -> dict:
     return {"far": fars, "tar": tars, "threshold": thrs, "n_genuine": int(gen.size), "n_impostors": imp.n}
 
 
-def cross_scores(ea, oka, ida, fa, eb, okb, idb, fb, symmetric: bool, chunk: int = 1024):
+def cross_scores(ea, oka, ida, fa, eb, okb, idb, fb, symmetric: bool, chunk: int = 1024, block=None):
     """Scores of all (a, b) pairs: impostors (identity differs) and extended genuine (same
     identity, different file), FTA -> -inf. ida/idb identity ids, fa/fb file ids (ints).
-    symmetric: a and b are the same list; only i < j is used."""
+    symmetric: a and b are the same list; only i < j is used. `block(start, stop)`: the scores
+    of rows start:stop against every b (FTA already -inf), instead of the cosine scores of
+    ea/eb (the fused score, say)."""
     imp_parts, gen_parts = [], []
     ida, idb, fa, fb = (np.asarray(x) for x in (ida, idb, fa, fb))
     for s in range(0, len(ea), chunk):
-        blk = score_from_cosine(ea[s:s + chunk] @ eb.T).astype(np.float32)
-        blk[~(oka[s:s + chunk, None] & okb[None, :])] = -np.inf
+        if block is not None:
+            blk = np.asarray(block(s, min(s + chunk, len(ea))), np.float32)
+        else:
+            blk = score_from_cosine(ea[s:s + chunk] @ eb.T).astype(np.float32)
+            blk[~(oka[s:s + chunk, None] & okb[None, :])] = -np.inf
         same = ida[s:s + chunk, None] == idb[None, :]
         if symmetric:
             keep = np.arange(s, s + blk.shape[0])[:, None] < np.arange(len(eb))[None, :]

@@ -18,7 +18,7 @@ from models.eval.metrics import (TAR_FARS, ScoreSet, calibration_table, cross_sc
                                  tar_at_far)
 from models.eval.pairs import image_relpath, read_pairs, select_pairs
 from models.eval.report import git_commit, pipeline_info, write_outputs
-from service.face.score import normalize, similarity
+from service.face.score import normalize, score_from_cosine, similarity
 
 
 
@@ -48,52 +48,125 @@ def _pair_scores(embedder: Embedder, pairs, side_a: str, side_b: str):
     return np.array(scores, np.float64), codes
 
 
-def _extended_sets(embedder: Embedder, rel_a, side_a, rel_b, side_b, dim: int):
-    """Impostors = every cross-identity (a, b) image pair; extended genuine = every same-identity
-    pair of distinct files."""
-    ea, oka = _matrix(embedder, rel_a, side_a, dim)
-    eb, okb = (ea, oka) if rel_a is rel_b else _matrix(embedder, rel_b, side_b, dim)
-    ident: dict[str, int] = {}
-    files: dict[str, int] = {}
+class Grid:
+    """Every family's embeddings of one image set as matrices (first-column images x second-
+    column images), with identity and file ids: the extended sets are scored from it block by
+    block, by cosine per family or through the fusion (`fused_sets`)."""
 
-    def ids(rels):
-        return ([ident.setdefault(_identity(r), len(ident)) for r in rels],
-                [files.setdefault(r, len(files)) for r in rels])
-    ida, fa = ids(rel_a)
-    idb, fb = ids(rel_b)
-    return cross_scores(ea, oka, ida, fa, eb, okb, idb, fb, symmetric=rel_a is rel_b)
+    def __init__(self, embedder: Embedder, rel_a, side_a, rel_b, side_b, dim: int):
+        self.symmetric = rel_a is rel_b
+        self.rel_a, self.rel_b = rel_a, rel_b
+        self.E = {}
+        for family, table in embedder.family_emb.items():
+            view = SimpleNamespace(emb=table)
+            a = _matrix(view, rel_a, side_a, dim)
+            self.E[family] = (a, a if self.symmetric else _matrix(view, rel_b, side_b, dim))
+        ident: dict[str, int] = {}
+        files: dict[str, int] = {}
+
+        def ids(rels):
+            return ([ident.setdefault(_identity(r), len(ident)) for r in rels],
+                    [files.setdefault(r, len(files)) for r in rels])
+        self.ida, self.fa = ids(rel_a)
+        self.idb, self.fb = ids(rel_b)
+
+    def sets(self, family: str, block=None):
+        """(impostor scores, extended genuine scores): cosine scores of `family`, or `block`'s."""
+        (ea, oka), (eb, okb) = self.E[family]
+        return cross_scores(ea, oka, self.ida, self.fa, eb, okb, self.idb, self.fb, symmetric=self.symmetric,
+                            block=block)
+
+    def cosine_block(self, family: str, s: int, e: int) -> np.ndarray:
+        (ea, oka), (eb, okb) = self.E[family]
+        blk = score_from_cosine(ea[s:e] @ eb.T)
+        blk[~(oka[s:e, None] & okb[None, :])] = -np.inf
+        return blk
+
+    def snorm_stats(self, snorm) -> dict:
+        """family -> ((mu, sd) of the first-column images, (mu, sd) of the second-column ones)."""
+        out = {}
+        for f, ((ea, _), (eb, _)) in self.E.items():
+            if f in snorm.cohorts:
+                a = snorm.stats(f, ea)
+                out[f] = (a, a if self.symmetric else snorm.stats(f, eb))
+        return out
+
+    def pair_index(self, pairs) -> tuple[np.ndarray, np.ndarray]:
+        ia = {r: i for i, r in enumerate(self.rel_a)}
+        ib = {r: i for i, r in enumerate(self.rel_b)}
+        return (np.array([ia[image_relpath(p.a)] for p in pairs], int),
+                np.array([ib[image_relpath(p.b)] for p in pairs], int))
+
+
+def _rows(stats: dict, s: int, e: int) -> dict:
+    """Block s:e of the first-column statistics against every second-column one, broadcastable."""
+    return {f: ((a[0][s:e, None], a[1][s:e, None]), (b[0][None, :], b[1][None, :])) for f, (a, b) in stats.items()}
+
+
+def _at(stats: dict, ia, ib) -> dict:
+    return {f: ((a[0][ia], a[1][ia]), (b[0][ib], b[1][ib])) for f, (a, b) in stats.items()}
 
 
 def family_scores(embedder: Embedder, pairs, rel_a, side_a, rel_b, side_b, dim: int, extended: bool):
     """Per family of the embedder: {"pairs": pairs.txt scores (-inf on FTA), "imp": impostor
     scores, "ext_genuine": all same-identity pair scores (None unless `extended`)}, in the same
-    order for every family; and the pairs' FTA codes."""
+    order for every family; the pairs' FTA codes; and the `Grid` they came from (None unless
+    `extended`)."""
     labels = np.array([p.same for p in pairs])
     out, codes = {}, None
+    grid = Grid(embedder, rel_a, side_a, rel_b, side_b, dim) if extended else None
     for family, table in embedder.family_emb.items():
         view = SimpleNamespace(emb=table, fta=embedder.fta)
         scores, codes = _pair_scores(view, pairs, side_a, side_b)
         entry = {"pairs": scores, "imp": scores[~labels], "ext_genuine": None}
         if extended:
-            entry["imp"], entry["ext_genuine"] = _extended_sets(view, rel_a, side_a, rel_b, side_b, dim)
+            entry["imp"], entry["ext_genuine"] = grid.sets(family)
         out[family] = entry
-    return out, codes
+    return out, codes, grid
 
 
-def served_scores(pipeline, per_family: dict) -> dict:
+def fused_sets(fusion, per_family: dict, grid: Grid | None, pairs, labels, normalised: str | None = None) -> dict:
+    """Through the one fused-score function (`Fusion.score`, with its s-norm when it has one):
+    {"pairs", "imp", "ext_genuine"} of the fused score, or with `normalised=family` that
+    family's score as the fusion weighs it (`Fusion.normalised`: what a fit regresses on).
+    Without `grid`, impostors are the mismatched pairs.txt lines."""
+    stats = grid.snorm_stats(fusion.snorm) if fusion.snorm is not None and grid is not None else None
+    pair_stats = None
+    if fusion.snorm is not None:
+        if grid is None:
+            raise ValueError("s-normed scores need the extended sets (their statistics come from the grid)")
+        pair_stats = _at(stats, *grid.pair_index(pairs))
+
+    def combine(scores, st):
+        if normalised is not None:
+            return fusion.normalised(normalised, scores[normalised], st)
+        return fusion.score(scores, st)
+
+    with np.errstate(invalid="ignore"):
+        fused_pairs = np.asarray(combine({f: per_family[f]["pairs"] for f in fusion.families}, pair_stats), np.float64)
+    fused_pairs[~np.isfinite(fused_pairs)] = -np.inf
+    if grid is None:
+        return {"pairs": fused_pairs, "imp": fused_pairs[~labels].astype(np.float32), "ext_genuine": None}
+
+    def block(s: int, e: int) -> np.ndarray:
+        scores = {f: grid.cosine_block(f, s, e) for f in fusion.families}
+        with np.errstate(invalid="ignore"):
+            out = np.asarray(combine(scores, None if stats is None else _rows(stats, s, e)), np.float64)
+        out[~np.isfinite(out)] = -np.inf
+        return out.astype(np.float32)
+
+    imp, gen = grid.sets(fusion.families[0], block=block)
+    return {"pairs": fused_pairs, "imp": imp, "ext_genuine": gen}
+
+
+def served_scores(pipeline, per_family: dict, grid: Grid | None = None, pairs=None, labels=None) -> dict:
     """The scores the service decides on: the fusion's of the families' (the one fused-score
-    function, `Fusion.score`), else the primary family's."""
+    function, `Fusion.score`, fed every image's s-norm statistics when the fusion has them),
+    else the primary family's."""
     fusion = getattr(pipeline, "fusion", None)
     if fusion is None:
         return per_family[pipeline.primary]
-    out = {}
-    for key in ("pairs", "imp", "ext_genuine"):
-        if per_family[fusion.families[0]][key] is None:
-            out[key] = None
-            continue
-        fused = fusion.score({f: per_family[f][key] for f in fusion.families})
-        out[key] = fused.astype(np.float32) if key != "pairs" else fused
-    return out
+    return fused_sets(fusion, per_family, grid, pairs, labels)
 
 
 def _scoring_info(pipeline) -> dict:
@@ -194,10 +267,10 @@ def evaluate(protocol: str, folds: list[int], pipeline, data_dir: Path | str, *,
     dim = next(iter(embedder.emb.values())).shape[0] if embedder.emb else 128
 
     labels = np.array([p.same for p in pairs])
-    per_family, codes = family_scores(embedder, pairs, rel_a, side_a, rel_b, side_b, dim, extended_impostors)
-    served = served_scores(pipeline, per_family)
+    per_family, codes, grid = family_scores(embedder, pairs, rel_a, side_a, rel_b, side_b, dim, extended_impostors)
+    served = served_scores(pipeline, per_family, grid, pairs, labels)
     if scores_out is not None:
-        scores_out.update(per_family=per_family, labels=labels)
+        scores_out.update(per_family=per_family, labels=labels, grid=grid, pairs=pairs)
     scores, imp, ext_genuine = served["pairs"], served["imp"], served["ext_genuine"]
     if extended_impostors:
         impostor_desc = ("all cross-identity pairs: id side of every distinct first-column image vs live "

@@ -55,8 +55,8 @@ async def verify(request: Request) -> JSONResponse:
         models = deps.models(request)
         await _analyse_sides(models.pipeline, attempt)
         t0 = time.perf_counter()
-        scores = models.pipeline.scores(attempt.sides["id_photo"], attempt.sides["live_photo"])
-        attempt.decided(models.scoring.decide(scores), (time.perf_counter() - t0) * 1000.0)
+        attempt.decided(models.decide(attempt.sides["id_photo"], attempt.sides["live_photo"]),
+                        (time.perf_counter() - t0) * 1000.0)
     except ApiError as exc:
         attempt.failed(exc)
     except Exception:  # noqa: BLE001 - answered as internal_error, logged, and audited

@@ -57,6 +57,13 @@ def artifact_version(manifest: dict) -> str:
     return f"{manifest['name']}:{manifest['version']}"
 
 
+def flip_average(manifest: dict, side: str) -> bool:
+    """Whether `side` ("id" or "live") is embedded flip-averaged: the manifest's
+    `test_time.flip_average`, one bool for both sides or {"id": bool, "live": bool}."""
+    flip = (manifest.get("test_time") or {}).get("flip_average", False)
+    return bool(flip.get(side, False)) if isinstance(flip, dict) else bool(flip)
+
+
 def artifact_calibration(manifest: dict, folder: Path) -> list[dict]:
     """The manifest's calibration table: a file beside it (`calibration.json`), inline, or none."""
     cal = manifest.get("calibration")
@@ -95,13 +102,18 @@ def load_towers(models_dir: Path, name: str, version: str, providers: list[str],
     paths = {side: verify_file(folder, entry) for side, entry in towers.items()}
     if isinstance(manifest.get("calibration"), str):
         verify_file(folder, {"file": manifest["calibration"], "sha256": manifest["calibration_sha256"]})
-    flip = bool((manifest.get("test_time") or {}).get("flip_average", False))
+    flip = {side: flip_average(manifest, side) for side in ("id", "live")}
     if make_tower is not None:
         size = int(manifest["template"]["size"])
-        made = {side: make_tower(side, paths[side], flip, size) for side in ("id", "live")}
+        made = {side: make_tower(side, paths[side], flip[side], size) for side in ("id", "live")}
         return Towers(id=made["id"], live=made["live"], manifest=manifest, folder=folder)
-    sessions: dict[Path, Tower] = {}
-    for p in paths.values():  # identical towers share one session
-        if p not in sessions:
-            sessions[p] = Tower(p, providers, threads, flip_average=flip)
-    return Towers(id=sessions[paths["id"]], live=sessions[paths["live"]], manifest=manifest, folder=folder)
+    fold = bool((manifest.get("runtime") or {}).get("fold_dequantize", False))
+    built: dict[tuple[Path, bool], Tower] = {}
+    sessions: dict[Path, object] = {}
+    for side, p in paths.items():  # identical files share one session; identical options one tower
+        if (p, flip[side]) not in built:
+            built[(p, flip[side])] = Tower(p, providers, threads, flip_average=flip[side], fold_dequantize=fold,
+                                           session=sessions.get(p))
+            sessions[p] = built[(p, flip[side])].session
+    return Towers(id=built[(paths["id"], flip["id"])], live=built[(paths["live"], flip["live"])],
+                  manifest=manifest, folder=folder)

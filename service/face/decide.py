@@ -61,16 +61,18 @@ class Scoring:
     decision (ValueError; the pipeline has refused such a face before)."""
     mode: str                      # a family name, or "fused"
     threshold: Threshold           # of the served score
-    fuse: object = None            # fused mode: per-family scores -> fused score (Fusion.score)
+    fuse: object = None            # fused mode: (scores, id embeddings, live embeddings) -> fused score (Fusion.score_pair)
     fallback: dict | None = None   # fused mode: family -> its own Threshold
 
-    def decide(self, scores: dict) -> Decision:
+    def decide(self, scores: dict, id_embeddings: dict | None = None, live_embeddings: dict | None = None) -> Decision:
+        """`scores`: family -> its score of the pair; the embeddings (family -> vector) are what a
+        fusion with s-norm needs beside them."""
         have = {f: s for f, s in scores.items() if s is not None}
         if self.mode != "fused":
             score = have[self.mode]
             return Decision(score, self.threshold, self.threshold.decide(score), self.mode, scores)
         if len(have) == len(scores):
-            score = float(self.fuse(scores))
+            score = float(self.fuse(scores, id_embeddings, live_embeddings))
             return Decision(score, self.threshold, self.threshold.decide(score), "fused", scores)
         if not have:
             raise ValueError("no family scored the pair")

@@ -11,16 +11,19 @@ from service.runtime import make_session
 class Tower:
     """One tower of the pair. Input: (N, S, S, 3) uint8 RGB chips; output: (N, D) float32.
 
-    With `flip_average` (the manifest's `test_time.flip_average`), each chip is embedded with
+    With `flip_average` (the manifest's `test_time.flip_average` for this side), each chip is embedded with
     its mirror image in the same batch and the two unit vectors are averaged: measured +0.2 to
     0.3 points of LFW accuracy on folds 1-8 (studies/alignment_study.py), for one extra batch row.
     """
 
     def __init__(self, path: Path, providers: list[str] | None = None, threads: int = 0,
-                 flip_average: bool = False):
+                 flip_average: bool = False, fold_dequantize: bool = False, session=None):
+        """`session`: an ONNX Runtime session of `path` to share (the two sides of one file
+        differ only in their test-time options)."""
         self.path = Path(path)
         self.flip_average = flip_average
-        self.session = make_session(self.path, providers, threads)
+        self.session = session if session is not None else make_session(self.path, providers, threads,
+                                                                         fold_dequantize=fold_dequantize)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from service.face.artifacts import ArtifactError, load_towers, resolve_version
 from service.face.batcher import batched
-from service.face.decide import Scoring, Threshold
+from service.face.decide import Decision, Scoring, Threshold
 from service.face.detect import FaceDetector
 from service.face.yunet import YuNetDetector
 from service.face.pipeline import Pipeline
@@ -103,6 +103,11 @@ class Models:
     def warmup(self) -> None:
         self.pipeline.warmup()
 
+    def decide(self, id_side, live_side) -> Decision:
+        """The served decision on two analysed photos (`Pipeline.analyse` sides)."""
+        scores = self.pipeline.scores(id_side, live_side)
+        return self.scoring.decide(scores, id_side.embeddings, live_side.embeddings)
+
 
 def load_models(settings: Settings) -> Models:
     """The served models: refuses (ValueError) a threshold the calibration table cannot place."""
@@ -116,7 +121,7 @@ def load_models(settings: Settings) -> Models:
         far = threshold.far if threshold.far is not None else settings.far_target
         fallback = {name: Threshold.from_calibration(t.calibration, score=None, far_target=far)
                     for name, t in pipeline.families.items()}
-        scoring = Scoring("fused", threshold, fuse=fusion.score, fallback=fallback)
+        scoring = Scoring("fused", threshold, fuse=fusion.score_pair, fallback=fallback)
     log.info("loaded %s (detector %s) on %s; threshold %.4f (FAR %s)", pipeline.model_version,
              pipeline.detector_version, pipeline.providers[0], threshold.score, threshold.far)
     return Models(pipeline, scoring)

@@ -1,5 +1,7 @@
-"""The committed SFace tower (models/repository/sface/1) is what its manifest says and computes
-what OpenCV's FaceRecognizerSF computes.
+"""The served SFace tower (models/repository/sface/2: the int8bq file, its DequantizeLinear
+weights folded when the session opens, `runtime.fold_dequantize`) is what its manifest says and
+computes what OpenCV's FaceRecognizerSF computes; sface/1 (the same file, dequantising at every
+call) computes the same embeddings.
 
 - manifest: SHA-256 and size of sface.onnx, input/output spec, SFace's 112 px template;
 - ONNX contract: input `image` float32 (batch, 112, 112, 3), output `embedding` (batch, 128),
@@ -33,7 +35,8 @@ from service.face.align import align  # noqa: E402
 from service.face.artifacts import sha256_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
-SFACE = ROOT / "models" / "repository" / "sface" / "1"
+SFACE = ROOT / "models" / "repository" / "sface" / "2"
+SFACE1 = ROOT / "models" / "repository" / "sface" / "1"
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +45,43 @@ def manifest() -> dict:
 
 
 @pytest.fixture(scope="module")
-def session():
+def session(manifest):
+    """As the service opens it (service.runtime.make_session with the manifest's runtime options)."""
+    from service.runtime import make_session
+
+    return make_session(SFACE / "sface.onnx", threads=1,
+                        fold_dequantize=bool(manifest["runtime"]["fold_dequantize"]))
+
+
+def test_served_form_folds_the_weights_at_load_and_keeps_the_embeddings(manifest, session, faces, tmp_path):
+    """sface/2 is sface/1's file opened with its weights folded: the same embeddings (<= 1e-5) on
+    real crops, and the session holds no DequantizeLinear left to run at every call."""
+    from service.runtime import make_session
+
+    assert manifest["runtime"] == {"fold_dequantize": True}
+    assert manifest["towers"]["id"]["sha256"] == json.loads((SFACE1 / "manifest.json").read_text())["towers"]["id"]["sha256"]
+    template = np.asarray(manifest["template"]["points"], np.float32)
+    chips = np.stack([align(img, lm, template, 112) for _, img, lm in faces]).astype(np.float32)
+    plain = make_session(SFACE1 / "sface.onnx", threads=1)
+    np.testing.assert_allclose(session.run(None, {"image": chips})[0], plain.run(None, {"image": chips})[0],
+                               atol=ex.PARITY_ATOL, rtol=0)
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(str(SFACE / "sface.onnx"), so, providers=["CPUExecutionProvider"])
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    so.optimized_model_filepath = str(tmp_path / "sface_folded.onnx")   # the graph as the session runs it
+    ort.InferenceSession(str(SFACE / "sface.onnx"), so, providers=["CPUExecutionProvider"])
+    folded = onnx.load(so.optimized_model_filepath)
+    assert not [n for n in folded.graph.node if n.op_type == "DequantizeLinear"]
+
+
+def test_flip_averaging_is_chosen_side_by_side_on_fold_8(manifest):
+    tt = manifest["test_time"]
+    assert set(tt["flip_average"]) == {"id", "live"}
+    measured = tt["measured"]
+    assert measured["folds"] == [8] and tt["flip_average"] == measured["choice"]
+    assert set(measured["tar_extended_genuine"]) == {"id_plain+live_plain", "id_flip+live_plain",
+                                                      "id_plain+live_flip", "id_flip+live_flip"}
+    assert manifest["calibration"] == "calibration.json"
+    assert sha256_file(SFACE / "calibration.json") == manifest["calibration_sha256"]
 
 
 @pytest.fixture(scope="module")

@@ -57,9 +57,10 @@ def test_fused_pair_decides_on_the_fused_score(fused, lfw_pairs):
         sa, sb = p.analyse(a, "id_photo", {}), p.analyse(b, "live_photo", {})
         scores = p.scores(sa, sb)
         assert set(scores) == {"towers", "sface"} and all(0 <= v <= 1 for v in scores.values())
-        d = fused.scoring.decide(scores)
+        d = fused.decide(sa, sb)
         assert d.scoring == "fused" and 0 <= d.score <= 1 and d.threshold == fused.threshold
-        assert d.score == pytest.approx(p.fusion.score(scores))
+        assert d.scores == scores
+        assert d.score == pytest.approx(p.fusion.score_pair(scores, sa.embeddings, sb.embeddings))
         assert d.decision == ("match" if which == "same" else "no_match")
 
 
@@ -76,7 +77,7 @@ def test_a_family_rejecting_the_face_falls_back_to_the_other(fused, lfw_pairs, m
     assert f"align:{rejecting}" not in timings and f"embed:{other}" in timings
     scores = p.scores(sa, sb)
     assert scores[rejecting] is None and 0 <= scores[other] <= 1
-    d = fused.scoring.decide(scores)
+    d = fused.decide(sa, sb)
     assert d.scoring == f"fallback:{other}" and d.score == scores[other]
     assert d.threshold == fused.scoring.fallback[other] and d.threshold.far <= fused.threshold.far
     assert d.decision == ("match" if d.score >= fused.scoring.fallback[other].score else "no_match")
@@ -95,7 +96,7 @@ def test_a_face_no_family_takes_is_face_too_small(fused, lfw_pairs, monkeypatch)
 def test_the_setting_picks_a_family_or_the_fusion(fused, lfw_pairs):
     a, b = _pair(lfw_pairs)
     assert fused.model_version.startswith("fusion:") and "towers:" in fused.model_version
-    for scoring, version in (("towers", "towers:"), ("sface", "sface:1")):
+    for scoring, version in (("towers", "towers:"), ("sface", "sface:2")):
         models = load_models(Settings(scoring=scoring))
         p = models.pipeline
         assert models.model_version.startswith(version) and p.fusion is None and list(p.families) == [scoring]
@@ -115,15 +116,50 @@ def test_refuses_a_fusion_whose_members_are_not_the_loaded_ones(repo_copy):
     _edit(repo_copy / "towers" / "dual-v9" / "manifest.json", lambda m: m.update(version="dual-v9"))
     with pytest.raises(ArtifactError, match="was fit on towers:"):
         load_pipeline(Settings(models_dir=repo_copy, scoring="fused", tower_version="dual-v9"))
-    # a member's flip-averaging changed after the fit
-    _edit(repo_copy / "sface" / "1" / "manifest.json",
-          lambda m: m["test_time"].update(flip_average=not m["test_time"]["flip_average"]))
-    with pytest.raises(ArtifactError, match="was fit on sface:1"):
+    # a member's flip-averaging changed after the fit (one side)
+    sface = fusion_member_version(folder, "sface")
+    _edit(repo_copy / "sface" / sface / "manifest.json",
+          lambda m: m["test_time"].update(flip_average={**m["test_time"]["flip_average"],
+                                                        "live": not m["test_time"]["flip_average"]["live"]}))
+    with pytest.raises(ArtifactError, match=f"was fit on sface:{sface}"):
         load_pipeline(Settings(models_dir=repo_copy, scoring="fused"))
+    shutil.copy(REPO / "sface" / sface / "manifest.json", repo_copy / "sface" / sface / "manifest.json")
+    # an s-norm cohort that does not match its hash
+    cohort = folder / "cohort.npz"
+    np.savez(cohort, **{f: np.zeros((3, 128), np.float16) for f in ("towers", "sface")})
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        load_pipeline(Settings(models_dir=repo_copy, scoring="fused"))
+    shutil.copy(REPO / "fusion" / folder.name / "cohort.npz", cohort)
+    load_pipeline(Settings(models_dir=repo_copy, scoring="fused"))
     # and a calibration that does not match its hash
     (folder / "calibration.json").write_text("{}")
     with pytest.raises(ArtifactError, match="SHA-256"):
         load_pipeline(Settings(models_dir=repo_copy, scoring="fused"))
+
+
+def fusion_member_version(folder: Path, family: str) -> str:
+    return json.loads((folder / "manifest.json").read_text())["members"][family]["version"]
+
+
+def test_snorm_normalises_each_family_by_both_photos_cohort_statistics():
+    """s' = ((s - mu_a)/sd_a + (s - mu_b)/sd_b)/2 over each side's K best cohort scores: checked
+    against a direct computation, and a photo that resembles many cohort faces (a high mu)
+    lowers its pair's normalised score."""
+    fusion = load_fusion(REPO, "current")
+    sn = fusion.snorm
+    assert sn is not None and set(sn.cohorts) == set(fusion.families) and sn.k >= 10
+    rng = np.random.default_rng(0)
+    for f, cohort in sn.cohorts.items():
+        assert cohort.dtype == np.float32 and np.allclose(np.linalg.norm(cohort, axis=1), 1, atol=1e-2)
+        e = rng.normal(size=(2, cohort.shape[1]))
+        mu, sd = sn.stats(f, e)
+        direct = (1 + (e / np.linalg.norm(e, axis=1, keepdims=True)) @ cohort.T) / 2
+        top = np.sort(direct, axis=1)[:, -sn.k:]
+        np.testing.assert_allclose(mu, top.mean(1), atol=1e-6)
+        np.testing.assert_allclose(sd, top.std(1), atol=1e-6)
+        assert sn.apply(0.8, (mu[0], sd[0]), (mu[1], sd[1])) > sn.apply(0.8, (mu[0] + 0.05, sd[0]), (mu[1], sd[1]))
+    with pytest.raises(ValueError, match="s-normalises"):
+        fusion.score({f: 0.8 for f in fusion.families})
 
 
 def test_current_towers_under_fusion_are_the_fusions_own(repo_copy):
