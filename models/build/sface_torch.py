@@ -143,13 +143,11 @@ class SFaceNet(nn.Module):
 
     @staticmethod
     def _index(stage: str | int) -> int:
-        if isinstance(stage, int):
-            if not 0 <= stage < len(STAGES):
-                raise ValueError(f"stage index {stage} out of range 0..{len(STAGES) - 1}")
-            return stage
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
-        return STAGES.index(stage)
+        """A stage's position in ``STAGES``, by name or index."""
+        i = stage if isinstance(stage, int) else STAGES.index(stage) if stage in STAGES else -1
+        if not 0 <= i < len(STAGES):
+            raise ValueError(f"unknown stage {stage!r}; stages: {STAGES} (or 0..{len(STAGES) - 1})")
+        return i
 
     def _run(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
         for i in range(first, last + 1):

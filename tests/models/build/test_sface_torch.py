@@ -123,6 +123,10 @@ def test_stages_split_and_cover_every_parameter(net, chips):
             assert torch.equal(net.forward_from(stage, net.forward_features(x, stage)), full), stage
     assert net.forward_features(x, "block1").shape == (2, 128, 56, 56)
     assert net.forward_features(x, "block4").shape == (2, 1024, 7, 7)
+    assert torch.equal(net.forward_features(x, 1), net.forward_features(x, "block1"))
+    for bad in ("level0", 6, -1):
+        with pytest.raises(ValueError, match="unknown stage"):
+            net.forward_features(x, bad)
 
 
 def test_param_groups_and_freeze(net):
