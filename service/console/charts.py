@@ -147,8 +147,8 @@ def _panel(parts: list, mode: str, scores, top: float, left: float, plot_w: floa
                 c[min(int(pos(v) * bins), bins - 1)] += 1
         return c
 
-    head = (f"{mode}: {len(scores.match) + len(scores.no_match)} scores ({len(scores.match)} match, "
-            f"{len(scores.no_match)} no_match)")
+    n = len(scores.match) + len(scores.no_match)
+    head = f"{mode}: {n} score{'' if n == 1 else 's'} ({len(scores.match)} match, {len(scores.no_match)} no_match)"
     parts.append(f'<text x="{left}" y="{top + 12}" fill="#222" font-weight="600" class="mode">{escape(head)}</text>')
     thresholds = sorted(set(round(t, 4) for t in scores.thresholds if t is not None))
     labels = place_labels([(left + plot_w * pos(t), f"{mode} {t:.4f}") for t in thresholds], 0, width)
@@ -167,7 +167,7 @@ def _panel(parts: list, mode: str, scores, top: float, left: float, plot_w: floa
                 parts.append(f'<rect x="{left + i * bw + 1:.1f}" y="{y0 - h:.1f}" width="{bw - 2:.1f}" height="{h:.1f}" '
                              f'fill="{COLOURS[name]}" fill-opacity="0.55"><title>{escape(mode)} {name} '
                              f'{a:.3f}-{a + span / bins:.3f}: {n}</title></rect>')
-    for i in range(0, bins + 1, max(1, bins // 10)):
+    for i in range(0, bins + 1, max(1, bins // 5)):
         x = left + i * bw
         parts.append(f'<text x="{x:.1f}" y="{y0 + 14}" text-anchor="middle" fill="{AXIS}">{lo + span * i / bins:.3g}</text>')
     axis = f"{mode} score" + ("" if lo == 0 else f" (axis from {lo:.2f})")
