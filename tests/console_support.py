@@ -64,6 +64,39 @@ def seed(engine, key_id=None) -> list:
     return out
 
 
+FUSED_VERSION = "fusion:dual-v2-sface1(towers:dual-v2,sface:1)"
+
+
+def seed_modes(engine) -> dict[str, list]:
+    """Records of every scoring mode, each on its own scale with its own threshold, by the real
+    audit writer: towers (int8), sface, fused, a fused call that fell back to the towers, a
+    record written before `scoring` and `scores` were stored (read as towers by its
+    model_version), and a rejected fused-mode call. mode -> records, oldest first."""
+    out: dict[str, list] = {m: [] for m in ("towers", "sface", "fused", "fallback:towers", "legacy", "rejected")}
+    for i, (d, s) in enumerate((("match", 0.93), ("no_match", 0.71), ("match", 0.90))):
+        out["towers"].append(append_record(engine, decision=d, score=s, threshold=0.8831, scoring="towers",
+                                           scores={"towers": s}, model_version="towers:dual-v2-int8",
+                                           device_id="gate-1", reference=f"t{i}"))
+    for i, (d, s) in enumerate((("match", 0.52), ("no_match", 0.18))):
+        out["sface"].append(append_record(engine, decision=d, score=s, threshold=0.4125, scoring="sface",
+                                          scores={"sface": s}, model_version="sface:1", device_id="gate-2",
+                                          reference=f"s{i}"))
+    for i, (d, s, t, f) in enumerate((("match", 0.991, 0.96, 0.63), ("no_match", 0.62, 0.80, 0.21),
+                                       ("match", 0.985, 0.93, 0.55))):
+        out["fused"].append(append_record(engine, decision=d, score=s, threshold=0.9812, scoring="fused",
+                                          scores={"towers": t, "sface": f}, model_version=FUSED_VERSION,
+                                          device_id="gate-1", reference=f"f{i}"))
+    out["fallback:towers"].append(append_record(
+        engine, decision="match", score=0.95, threshold=0.8831, scoring="fallback:towers",
+        scores={"towers": 0.95, "sface": None}, model_version=FUSED_VERSION, device_id="gate-2", reference="fb0"))
+    out["legacy"].append(append_record(engine, decision="match", score=0.93, threshold=0.91,
+                                       model_version="towers:dual-v1", device_id="gate-1", reference="old0"))
+    out["rejected"].append(append_record(engine, decision="rejected", score=None, threshold=0.9812,
+                                         model_version=FUSED_VERSION, error_code="no_face", error_field="live_photo",
+                                         device_id="gate-1", reference="r0"))
+    return out
+
+
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 

@@ -25,13 +25,18 @@ def list_audit(
     error_code: str | None = None,
     min_score: float | None = Query(None, ge=0.0, le=1.0),
     max_score: float | None = Query(None, ge=0.0, le=1.0),
+    model_version: str | None = Query(None, description="exactly this model version, e.g. towers:dual-v2"),
+    scoring: str | None = Query(None, description="scores of this mode: a family (towers, sface), fused, or "
+                                "fallback:<family>; records written before `scoring` was stored match by "
+                                "their model_version's family"),
     limit: int = Query(50, ge=1, le=500),
     cursor: str | None = Query(None, description="next_cursor from the previous page"),
 ) -> dict:
     flt = audit.AuditFilter(since=since, until=until, decision=decision, device_id=device_id,
-                            reference=reference, error_code=error_code, min_score=min_score, max_score=max_score)
-    for name in flt.invalid_fields():
-        raise ApiError(INVALID_REQUEST, f"{name} contains a NUL byte", name)
+                            reference=reference, error_code=error_code, min_score=min_score, max_score=max_score,
+                            model_version=model_version, scoring=scoring)
+    for name, why in flt.problems():
+        raise ApiError(INVALID_REQUEST, f"{name}: {why}", name)
     try:
         records, next_cursor = audit.query(deps.engine(request), flt, limit, cursor)
     except ValueError as exc:

@@ -7,7 +7,7 @@ through markupsafe.escape.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from markupsafe import Markup, escape
 
@@ -88,33 +88,76 @@ def stacked_bars(buckets: Sequence[tuple[str, dict[str, int]]], title: str, seri
     return _svg(width, height, title, parts)
 
 
-def score_histogram(match_scores: Sequence[float], no_match_scores: Sequence[float], thresholds: Sequence[float],
-                    title: str, bins: int = 20, width: int = 760, height: int = 260) -> Markup:
-    """Histograms of match and no-match scores, overlaid, with the threshold(s) drawn. The axis
-    runs from 0 to 1, or, when every score and threshold is higher, from the lowest of them
-    (rounded down to 0.05) to 1, so scores bunched near 1 stay readable."""
-    left, right, top, bottom = 44, 10, 24, 40
-    plot_w, plot_h = width - left - right, height - top - bottom
-    y0 = top + plot_h
-    seen = [v for v in (*match_scores, *no_match_scores, *thresholds) if v is not None and 0.0 <= v <= 1.0]
+def text_width(text: str) -> float:
+    """A generous estimate of `text`'s width in px at the charts' 11 px sans-serif (DejaVu Sans,
+    among the widest: digits and most lowercase letters 7 px or less)."""
+    return sum(11.0 if c in "mwMW@%" else 9.0 if c.isupper() else 7.0 for c in text)
+
+
+def place_labels(lines: Sequence[tuple[float, str]], x_min: float, x_max: float, gap: float = 4.0
+                 ) -> list[tuple[int, float, float, str]]:
+    """Rows for threshold labels above a plot, so that no two labels overlap: each label sits
+    beside its line (right of it when it fits, else left), in the first row where its text
+    overlaps no label of that row, crosses no line coming down from a label above, and its own
+    line crosses no label below. `lines`: (x, text) sorted by x. Returns (row, start, end, text)
+    per line, in order; a label that fits nowhere gets a row of its own."""
+    placed: list[tuple[int, float, float, float]] = []   # row, start, end, line x
+
+    def fits(row: int, a: float, b: float, x: float) -> bool:
+        for r, pa, pb, px in placed:
+            if r == row and a < pb + gap and pa < b + gap:
+                return False
+            if r < row and a - gap <= px <= b + gap:
+                return False
+            if r > row and pa - gap <= x <= pb + gap:
+                return False
+        return True
+
+    out = []
+    for x, text in lines:
+        w = text_width(text)
+        sides = [(x + 4, x + 4 + w), (x - 4 - w, x - 4)]
+        sides = [s for s in sides if s[0] >= x_min and s[1] <= x_max] or [max(sides, key=lambda s: min(
+            s[0] - x_min, x_max - s[1]))]
+        rows = 1 + max((r for r, *_ in placed), default=-1)
+        spot = next(((row, a, b) for row in range(rows) for a, b in sides if fits(row, a, b, x)), None)
+        row, a, b = spot or (rows, *sides[0])
+        placed.append((row, a, b, x))
+        out.append((row, a, b, text))
+    return out
+
+
+def _panel(parts: list, mode: str, scores, top: float, left: float, plot_w: float, bins: int, plot_h: int = 110,
+           width: int = 760) -> float:
+    """One scoring mode's histogram of match and no-match scores from `top`, on its own axis
+    (0 to 1, or from the lowest score or threshold rounded down to 0.05, so that scores bunched
+    near 1 stay readable), with each threshold drawn and labelled "<mode> <threshold>".
+    Returns the y below the panel."""
+    seen = [v for v in (*scores.match, *scores.no_match, *scores.thresholds) if v is not None and 0.0 <= v <= 1.0]
     lo = min(math.floor(min(seen) * 20) / 20, 0.95) if seen else 0.0
     span = 1.0 - lo
 
     def pos(v: float) -> float:
         return (min(max(v, lo), 1.0) - lo) / span
 
-    def counts(scores):
+    def counts(values):
         c = [0] * bins
-        for s in scores:
-            if s is not None and lo <= s <= 1.0:
-                c[min(int(pos(s) * bins), bins - 1)] += 1
+        for v in values:
+            if v is not None and lo <= v <= 1.0:
+                c[min(int(pos(v) * bins), bins - 1)] += 1
         return c
 
-    series = {"match": counts(match_scores), "no_match": counts(no_match_scores)}
+    n = len(scores.match) + len(scores.no_match)
+    head = f"{mode}: {n} score{'' if n == 1 else 's'} ({len(scores.match)} match, {len(scores.no_match)} no_match)"
+    parts.append(f'<text x="{left}" y="{top + 12}" fill="#222" font-weight="600" class="mode">{escape(head)}</text>')
+    thresholds = sorted(set(round(t, 4) for t in scores.thresholds if t is not None))
+    labels = place_labels([(left + plot_w * pos(t), f"{mode} {t:.4f}") for t in thresholds], 0, width)
+    rows = 1 + max((row for row, *_ in labels), default=-1)
+    plot_top = top + 20 + 14 * rows
+    y0 = plot_top + plot_h
+    series = {"match": counts(scores.match), "no_match": counts(scores.no_match)}
     ymax = _nice_max(max((max(c) for c in series.values()), default=0))
-    parts: list[str] = []
-    _y_axis(parts, left, y0, plot_h, plot_w, ymax)
-    _legend(parts, left, 14, ("match", "no_match"))
+    _y_axis(parts, left, y0, plot_h, plot_w, ymax, ticks=2)
     bw = plot_w / bins
     for name, c in series.items():
         for i, n in enumerate(c):
@@ -122,21 +165,43 @@ def score_histogram(match_scores: Sequence[float], no_match_scores: Sequence[flo
                 h = plot_h * n / ymax
                 a = lo + span * i / bins
                 parts.append(f'<rect x="{left + i * bw + 1:.1f}" y="{y0 - h:.1f}" width="{bw - 2:.1f}" height="{h:.1f}" '
-                             f'fill="{COLOURS[name]}" fill-opacity="0.55"><title>{name} {a:.3f}-{a + span / bins:.3f}: '
-                             f'{n}</title></rect>')
-    for i in range(0, bins + 1, max(1, bins // 10)):
+                             f'fill="{COLOURS[name]}" fill-opacity="0.55"><title>{escape(mode)} {name} '
+                             f'{a:.3f}-{a + span / bins:.3f}: {n}</title></rect>')
+    for i in range(0, bins + 1, max(1, bins // 5)):
         x = left + i * bw
         parts.append(f'<text x="{x:.1f}" y="{y0 + 14}" text-anchor="middle" fill="{AXIS}">{lo + span * i / bins:.3g}</text>')
-    axis = "score" if lo == 0 else f"score (axis from {lo:.2f})"
-    parts.append(f'<text x="{left + plot_w / 2}" y="{y0 + 32}" text-anchor="middle" fill="{AXIS}">{axis}</text>')
-    for t in sorted(set(round(t, 4) for t in thresholds if t is not None)):
+    axis = f"{mode} score" + ("" if lo == 0 else f" (axis from {lo:.2f})")
+    parts.append(f'<text x="{left + plot_w / 2}" y="{y0 + 28}" text-anchor="middle" fill="{AXIS}">{escape(axis)}</text>')
+    for t, (row, a, _b, text) in zip(thresholds, labels):
         x = left + plot_w * pos(t)
-        right_side = x < left + plot_w * 0.7
-        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{y0}" stroke="#1a237e" stroke-width="2" '
-                     f'stroke-dasharray="5,3"><title>threshold {t:.4f}</title></line>')
-        parts.append(f'<text x="{x + 4 if right_side else x - 4:.1f}" y="{top + 10}" fill="#1a237e" '
-                     f'text-anchor="{"start" if right_side else "end"}">threshold {t:.3f}</text>')
-    return _svg(width, height, title, parts)
+        base = top + 20 + 14 * row + 10
+        parts.append(f'<line x1="{x:.1f}" y1="{base - 9:.1f}" x2="{x:.1f}" y2="{y0}" stroke="#1a237e" '
+                     f'stroke-width="2" stroke-dasharray="5,3"><title>{escape(mode)} threshold {t:.4f}</title></line>')
+        parts.append(f'<text x="{a:.1f}" y="{base:.1f}" fill="#1a237e" class="threshold" '
+                     f'data-mode="{escape(mode)}">{escape(text)}</text>')
+    return y0 + 40
+
+
+def mode_histograms(modes: Mapping[str, object], title: str, bins: int = 20, width: int = 760,
+                    max_panels: int = 8) -> Markup:
+    """A histogram per scoring mode, one under the other (scores of different modes are on
+    different scales): `modes` maps a mode to its scores (`.match`, `.no_match`, `.thresholds`),
+    most scores first; the first `max_panels` are drawn and the rest named."""
+    left, right = 44, 10
+    plot_w = width - left - right
+    parts: list[str] = []
+    _legend(parts, left, 14, ("match", "no_match"))
+    y = 24.0
+    for mode, scores in list(modes.items())[:max_panels]:
+        y = _panel(parts, mode, scores, y, left, plot_w, bins, width=width)
+    rest = list(modes)[max_panels:]
+    if rest:
+        parts.append(f'<text x="{left}" y="{y + 4}" fill="{AXIS}">not drawn: {escape(", ".join(rest))}</text>')
+        y += 14
+    if not modes:
+        parts.append(f'<text x="{left + plot_w / 2}" y="{y + 40}" text-anchor="middle" fill="{AXIS}">no scores</text>')
+        y += 60
+    return _svg(width, math.ceil(y), title, parts)
 
 
 def horizontal_bars(items: Sequence[tuple[str, float]], title: str, unit: str = "", colour: str = "#5c6bc0",

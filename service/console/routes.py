@@ -6,7 +6,7 @@ POST /console/logout           ends the session (CSRF)
 GET  /console                  records, newest first: filters, counts, keyset paging
 GET  /console/export.csv       the filtered list as CSV
 GET  /console/records/{id}     one record, and its retained images (record_page.py)
-GET  /console/overview         decisions over time, score histograms, errors, latency (SVG)
+GET  /console/overview         decisions over time, score histograms per scoring mode, errors, latency (SVG)
 GET  /console/chain            the chain's state (last full verification, re-run when stale)
 POST /console/chain/verify     re-run the verification now (CSRF)
 
@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.errors import INVALID_REQUEST, ApiError
 from service.records import audit, keys
-from service.console import charts, csrf, sessions, stats
+from service.console import charts, csrf, export, sessions, stats
 from service.records.tables import ApiKey
 
 log = logging.getLogger("idverify.console")
@@ -50,7 +50,14 @@ def _shown(value) -> str:
     return "–" if value is None else str(value)
 
 
+def _score_mode(r: dict) -> str:
+    """The mode a public record's score is on, as the pages show it beside the score."""
+    mode = audit.score_mode(r["score"], r["scoring"], r["model_version"])
+    return mode or (stats.UNRECORDED if r["score"] is not None else "")
+
+
 templates.env.filters.update(number=_number, shown=_shown)
+templates.env.globals.update(score_mode=_score_mode)
 router = APIRouter(prefix="/console", include_in_schema=False)
 
 SECURITY_HEADERS = {
@@ -288,6 +295,7 @@ def records(request: Request) -> Response:
     return _render(
         request, "list.html", principal, title="Records", filters=raw, errors=errors,
         records=[audit.to_public(r) for r in rows], counts=stats.counts(engine, flt), limit=limit,
+        mix=stats.mix(engine, flt), refine=lambda name, value: "?" + _qs({**raw, name: value}),
         page_sizes=stats.PAGE_SIZES, paged=cursor is not None,
         next_url=f"?{_qs(raw, limit=raw_limit, cursor=next_cursor)}" if next_cursor else None,
         first_url=f"?{_qs(raw, limit=raw_limit)}",
@@ -309,7 +317,7 @@ def export_csv(request: Request) -> Response:
         return _refuse_filters(request, principal, "Export", raw, errors)
     log.info("console CSV export by key %d", principal.key_id)
     name = f"idverify-audit-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.csv"
-    response = StreamingResponse(stats.csv_lines(_state(request).engine, flt), media_type="text/csv; charset=utf-8",
+    response = StreamingResponse(export.csv_lines(_state(request).engine, flt), media_type="text/csv; charset=utf-8",
                                  headers={"Content-Disposition": f'attachment; filename="{name}"'})
     return _harden(response)
 
@@ -333,8 +341,8 @@ def overview(request: Request) -> Response:
         request, "overview.html", principal, title="Overview", filters=raw, errors=errors, ov=ov,
         list_url=f"{_base(request)}?{_qs(raw)}",
         decisions_svg=charts.stacked_bars(ov.buckets, f"Decisions per {ov.bucket}"),
-        scores_svg=charts.score_histogram(ov.match_scores, ov.no_match_scores, ov.thresholds,
-                                          "Scores of matches and no-matches, with the threshold"),
+        scores_svg=charts.mode_histograms(ov.modes, "Scores of matches and no-matches per scoring mode, "
+                                                    "each with its own threshold"),
         errors_svg=charts.horizontal_bars(ov.errors, "Error codes by count"),
         latency_svg=charts.horizontal_bars(latency_bars, "Latency percentiles (all calls)", unit=" ms",
                                            colour="#00838f"),

@@ -1,16 +1,15 @@
-"""Read-side queries behind the console pages: filter parsing, counts, the overview's
-aggregates, CSV rows, and the chain state (whole chain, cached; and one record's links)."""
+"""Read-side queries behind the console pages: filter parsing, counts (by decision, by scoring
+mode and model version), the overview's aggregates, and the chain state (whole chain, cached;
+and one record's links). The CSV export is export.py."""
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import Iterator, Mapping, NamedTuple
+from typing import Mapping, NamedTuple
 
 import numpy as np
 from sqlalchemy import Engine, func, select
@@ -23,8 +22,10 @@ from service.records.tables import AuditRecord
 
 DECISIONS = ("match", "no_match", "rejected")
 log = logging.getLogger("idverify.console")
-FILTER_FIELDS = ("since", "until", "decision", "device_id", "reference", "error_code", "min_score", "max_score")
+FILTER_FIELDS = ("since", "until", "decision", "device_id", "reference", "error_code", "min_score", "max_score",
+                 "model_version", "scoring")
 PAGE_SIZES = (25, 50, 100, 200)
+UNRECORDED = "unrecorded"   # the mode shown for a score whose record names none (audit.score_mode is None)
 OVERVIEW_DEFAULT_DAYS = 7
 # the error-code filter's choices: every stable code in service/errors.py (pipeline, auth, rate)
 ERROR_CODES = tuple(sorted({v for k, v in vars(error_codes).items() if k.isupper() and isinstance(v, str)}))
@@ -66,9 +67,10 @@ def parse_filters(params: Mapping[str, str], default_since: datetime | None = No
             flt.decision = raw["decision"]
         else:
             errors.append(FilterError("decision", f"one of {', '.join(DECISIONS)}"))
-    for name in ("device_id", "reference", "error_code"):
-        if "\x00" in raw[name]:
-            errors.append(FilterError(name, "contains a NUL byte"))
+    for name in AuditFilter.TEXT_FIELDS:
+        why = audit.filter_problem(name, raw[name]) if raw[name] else None
+        if why:
+            errors.append(FilterError(name, why))
         elif raw[name]:
             setattr(flt, name, raw[name][:256])
     for name in ("min_score", "max_score"):
@@ -103,61 +105,46 @@ def counts(engine: Engine, flt: AuditFilter) -> dict[str, int]:
     return out
 
 
-def iter_records(engine: Engine, flt: AuditFilter, batch: int = 1000) -> Iterator[AuditRecord]:
-    """All records matching the filter, newest first, read in keyset batches."""
-    before = None
-    while True:
-        stmt = flt.apply(select(AuditRecord))
-        if before is not None:
-            stmt = stmt.where(AuditRecord.seq < before)
-        with read_session(engine) as s:
-            rows = list(s.scalars(stmt.order_by(AuditRecord.seq.desc()).limit(batch)))
-        if not rows:
-            return
-        yield from rows
-        before = rows[-1].seq
+MIX_GROUPS = 200   # (scoring, model_version) groups read for the list's mode and version counts
 
 
-CSV_COLUMNS = ("id", "seq", "time", "decision", "score", "threshold", "far_target", "model_version", "key_id",
-               "device_id", "reference", "error_code", "error_field", "latency_ms", "id_faces", "live_faces",
-               "id_sha256", "live_sha256", "images_retained", "record_hash")
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+@dataclass
+class Mix:
+    """What the filtered records were scored with: scores per scoring mode and records per model
+    version (most first), with the scoring and model-version filters left out, so that the list
+    offers the others."""
+    modes: list[tuple[str, int]]
+    versions: list[tuple[str, int]]
 
 
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = str(value)
-    # caller-supplied text (device id, reference) must not run as a spreadsheet formula
-    return "'" + text if text.startswith(_FORMULA_START) else text
-
-
-def csv_lines(engine: Engine, flt: AuditFilter) -> Iterator[str]:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\r\n")
-
-    def flush() -> str:
-        out = buf.getvalue()
-        buf.seek(0)
-        buf.truncate()
-        return out
-
-    writer.writerow(CSV_COLUMNS)
-    yield flush()
-    for i, r in enumerate(iter_records(engine, flt), 1):
-        values = {c: getattr(r, c, None) for c in CSV_COLUMNS}
-        values["time"] = utc(r.created_at).isoformat()
-        writer.writerow([_cell(values[c]) for c in CSV_COLUMNS])
-        if i % 200 == 0:
-            yield flush()
-    yield flush()
+def mix(engine: Engine, flt: AuditFilter) -> Mix:
+    R = AuditRecord
+    stmt = replace(flt, scoring=None, model_version=None).apply(
+        select(R.scoring, R.model_version, func.count(R.score), func.count()).select_from(R))
+    stmt = stmt.group_by(R.scoring, R.model_version).order_by(func.count().desc()).limit(MIX_GROUPS)
+    modes, versions = Counter(), Counter()
+    with read_session(engine) as s:
+        for scoring, version, scored, n in s.execute(stmt):
+            if scored:   # the group has scores: their mode (a count stands in for "a score")
+                modes[audit.score_mode(scored, scoring, version) or UNRECORDED] += scored
+            if version:
+                versions[version] += n
+    return Mix(modes.most_common(), versions.most_common())
 
 
 # --- overview -------------------------------------------------------------------------------
+
+@dataclass
+class ModeScores:
+    """The scores of one scoring mode (one scale) and the thresholds they were held against."""
+    match: list[float] = field(default_factory=list)
+    no_match: list[float] = field(default_factory=list)
+    thresholds: set[float] = field(default_factory=set)
+
+    @property
+    def n(self) -> int:
+        return len(self.match) + len(self.no_match)
+
 
 @dataclass
 class Overview:
@@ -165,9 +152,7 @@ class Overview:
     end: datetime
     bucket: str                                   # hour | day | week
     buckets: list[tuple[str, dict[str, int]]]
-    match_scores: list[float]
-    no_match_scores: list[float]
-    thresholds: list[float]
+    modes: dict[str, ModeScores]                  # scoring mode -> its scores, most scores first
     errors: list[tuple[str, int]]
     latency: dict[str, dict[str, float]]          # group -> {p50, p90, p95, p99, max, n}
     total: int
@@ -195,9 +180,11 @@ def percentiles(values: list[float]) -> dict[str, float]:
 def overview(engine: Engine, flt: AuditFilter, now: datetime | None = None) -> Overview:
     now = now or datetime.now(timezone.utc)
     R = AuditRecord
-    stmt = flt.apply(select(R.created_at, R.decision, R.score, R.threshold, R.error_code, R.latency_ms)).order_by(R.seq)
+    stmt = flt.apply(select(R.created_at, R.decision, R.score, R.threshold, R.error_code, R.latency_ms, R.scoring,
+                            R.model_version)).order_by(R.seq)
     with read_session(engine) as s:
-        rows = [(utc(t), d, sc, th, e, lat) for t, d, sc, th, e, lat in s.execute(stmt)]
+        rows = [(utc(t), d, sc, th, e, lat, audit.score_mode(sc, mode, version))
+                for t, d, sc, th, e, lat, mode, version in s.execute(stmt)]
     start = utc(flt.since) if flt.since else (rows[0][0] if rows else now - timedelta(days=1))
     end = utc(flt.until) if flt.until else now
     # the chart's window: filters may reach the ends of datetime's range (records cannot)
@@ -215,20 +202,20 @@ def overview(engine: Engine, flt: AuditFilter, now: datetime | None = None) -> O
     while t < end and len(slots) < 400:
         slots[t] = Counter()
         t += step
-    match_scores, no_match_scores, thresholds, errors = [], [], set(), Counter()
+    modes: dict[str, ModeScores] = {}
+    errors: Counter = Counter()
     latency: dict[str, list[float]] = {"all": [], "match": [], "no_match": [], "rejected": []}
     by_decision: Counter = Counter()
-    for created, decision, score, threshold, error_code, lat in rows:
+    for created, decision, score, threshold, error_code, lat, mode in rows:
         key = _bucket_start(created, bucket, origin)
         if key in slots:
             slots[key][decision] += 1
         by_decision[decision] += 1
-        if decision == "match" and score is not None:
-            match_scores.append(score)
-        elif decision == "no_match" and score is not None:
-            no_match_scores.append(score)
-        if decision in ("match", "no_match") and threshold is not None:
-            thresholds.add(round(threshold, 6))
+        if decision in ("match", "no_match") and score is not None:
+            scores = modes.setdefault(mode or UNRECORDED, ModeScores())
+            getattr(scores, decision).append(score)
+            if threshold is not None:
+                scores.thresholds.add(round(threshold, 6))
         if error_code:
             errors[error_code] += 1
         if lat is not None:
@@ -237,7 +224,7 @@ def overview(engine: Engine, flt: AuditFilter, now: datetime | None = None) -> O
     return Overview(
         start=start, end=end, bucket=bucket,
         buckets=[(k.strftime(fmt), dict(v)) for k, v in slots.items()],
-        match_scores=match_scores, no_match_scores=no_match_scores, thresholds=sorted(thresholds),
+        modes=dict(sorted(modes.items(), key=lambda kv: (-kv[1].n, kv[0]))),
         errors=errors.most_common(), latency={g: percentiles(v) for g, v in latency.items() if v},
         total=len(rows), by_decision={d: by_decision.get(d, 0) for d in DECISIONS},
     )

@@ -14,12 +14,13 @@ import binascii
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
 import numpy as np
-from sqlalchemy import Engine, Select, select, text
+from sqlalchemy import Engine, Select, and_, or_, select, text
 from sqlalchemy.orm import Session
 
 from service.records.engine import read_session, write_session
@@ -182,6 +183,37 @@ def get(engine: Engine, record_id: str) -> AuditRecord | None:
         return s.get(AuditRecord, record_id)
 
 
+# --- scoring modes ----------------------------------------------------------------------------
+
+# `scoring` as /verify writes it: a family ("towers", "sface"), "fused" or "fallback:<family>";
+# at most AuditRecord.scoring's 32 characters
+SCORING_RE = re.compile(r"(fallback:)?[a-z0-9][a-z0-9_-]{0,22}")
+MODEL_VERSION_MAX = 64   # AuditRecord.model_version's length
+
+
+def score_mode(score: float | None, scoring: str | None, model_version: str | None) -> str | None:
+    """The scale a record's score is on: `scoring` as stored; for a score written before
+    `scoring` was stored (one family then), the family its model_version names
+    ("towers:dual-v2" -> "towers"). None when there is no score and no scoring. The SQL twin is
+    AuditFilter's `scoring` condition."""
+    if scoring or score is None:
+        return scoring
+    family, sep, _ = (model_version or "").partition(":")
+    return family if sep and family else None
+
+
+def filter_problem(name: str, value: str) -> str | None:
+    """Why a text filter's value is refused, or None. Every text filter: no NUL byte (PostgreSQL
+    refuses them in text); `model_version` fits its column; `scoring` is a mode's shape."""
+    if "\x00" in value:
+        return "contains a NUL byte"
+    if name == "model_version" and len(value) > MODEL_VERSION_MAX:
+        return f"at most {MODEL_VERSION_MAX} characters (a model version as records show it, e.g. towers:dual-v2)"
+    if name == "scoring" and not SCORING_RE.fullmatch(value):
+        return "a scoring mode: a family (e.g. towers, sface), fused, or fallback:<family>"
+    return None
+
+
 @dataclass
 class AuditFilter:
     since: datetime | None = None
@@ -192,12 +224,16 @@ class AuditFilter:
     error_code: str | None = None
     min_score: float | None = None
     max_score: float | None = None
+    model_version: str | None = None
+    scoring: str | None = None         # the score's mode (score_mode): older records by model_version
 
-    TEXT_FIELDS = ("device_id", "reference", "error_code")
+    TEXT_FIELDS = ("device_id", "reference", "error_code", "model_version", "scoring")
 
-    def invalid_fields(self) -> list[str]:
-        """Text filters no record can hold and the database must not see (NUL bytes)."""
-        return [name for name in self.TEXT_FIELDS if "\x00" in (getattr(self, name) or "")]
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, why) for each text filter value no record can hold or the database must not see."""
+        found = ((name, filter_problem(name, value)) for name in self.TEXT_FIELDS
+                 if (value := getattr(self, name)) is not None)
+        return [(name, why) for name, why in found if why]
 
     def apply(self, stmt: Select) -> Select:
         R = AuditRecord
@@ -205,10 +241,14 @@ class AuditFilter:
             stmt = stmt.where(R.created_at >= utc(self.since))
         if self.until is not None:
             stmt = stmt.where(R.created_at < utc(self.until))
-        for name in ("decision", "device_id", "reference", "error_code"):
+        for name in ("decision", "device_id", "reference", "error_code", "model_version"):
             value = getattr(self, name)
             if value is not None:
                 stmt = stmt.where(getattr(R, name) == value)
+        if self.scoring is not None:
+            stmt = stmt.where(or_(R.scoring == self.scoring, and_(
+                R.scoring.is_(None), R.score.is_not(None),
+                R.model_version.startswith(self.scoring + ":", autoescape=True))))
         if self.min_score is not None:
             stmt = stmt.where(R.score >= self.min_score)
         if self.max_score is not None:

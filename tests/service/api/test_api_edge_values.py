@@ -62,7 +62,7 @@ def test_key_ids_out_of_range_are_refused(make_client, role_keys, key_id):
     envelope(client.delete(f"/admin/keys/{2**31 - 1}", headers={"X-API-Key": role_keys["admin"]}), 404)
 
 
-@pytest.mark.parametrize("name", ["device_id", "reference", "error_code"])
+@pytest.mark.parametrize("name", ["device_id", "reference", "error_code", "model_version", "scoring"])
 def test_nul_bytes_in_filters_are_refused(make_client, role_keys, seeded, name):
     client = make_client()
     r = client.get("/audit", params={name: "a\x00b"}, headers={"X-API-Key": role_keys["operator"]})
@@ -95,7 +95,8 @@ def test_console_pages_and_export_with_the_same_values(make_client, role_keys, s
     clamped = [{"since": DATES[0][1]}, {"until": DATES[1][1]}, {"since": DATES[1][1], "until": DATES[0][1]},
                {"limit": str(2**70)}]
     refused = [({"device_id": "a\x00b"}, "device_id"), ({"reference": "\x00"}, "reference"),
-               ({"error_code": "\x00"}, "error_code"), ({"cursor": _cursor(2**63)}, "cursor"),
+               ({"error_code": "\x00"}, "error_code"), ({"model_version": "a\x00"}, "model_version"),
+               ({"scoring": "\x00"}, "scoring"), ({"cursor": _cursor(2**63)}, "cursor"),
                ({"cursor": _cursor(10**40)}, "cursor")]
     for params in clamped:
         for page in ("/console", "/console/overview"):

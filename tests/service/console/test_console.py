@@ -332,7 +332,7 @@ def test_overview_renders_svg_charts(client, engine, role_keys):
     assert r.status_code == 200
     assert r.text.count("<svg") == 4
     assert "Decisions per day" in r.text                     # default range: the last 7 days
-    assert "threshold 0.910" in r.text                      # the threshold line on the histogram
+    assert re.search(r'<text [^>]*class="threshold"[^>]*>towers 0.9100</text>', r.text)  # the threshold's label
     assert "no_face" in r.text and "image_undecodable" in r.text
     for p in ("p50", "p90", "p95", "p99"):
         assert p in r.text

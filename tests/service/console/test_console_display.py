@@ -30,7 +30,8 @@ def test_detail_rounds_and_says_yes_or_no(client, engine):
     rec = append_record(engine, score=0.123456789, threshold=0.9412345, latency_ms=180.54,
                         id_quality={"sharpness": 81.2, "blurry": False, "small_face": True})
     r = client.get(f"/console/records/{rec.id}")
-    assert "<dd>0.1235</dd>" in r.text and "<dd>0.9412</dd>" in r.text and "0.123456" not in r.text
+    assert '<dd id="score">0.1235 <span class="mode">towers</span></dd>' in r.text and "0.123456" not in r.text
+    assert '<dd id="threshold">0.9412 <span class="mode">towers</span></dd>' in r.text
     assert "180.5 ms" in r.text
     side = re.search(r'id="side-id">(.*?)</section>', r.text, re.S).group(1)
     cells = dict(re.findall(r"<tr><td>(\w+)</td><td class=\"[^\"]*\">([^<]*)</td></tr>", side))
