@@ -69,6 +69,10 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
     from service.records import retention
 
     app.state.image_cipher = retention.cipher_for(settings)  # refuses to start: retention on without a usable key
+    from service.face.policy import Policy
+
+    app.state.policy = Policy.from_settings(settings)   # refuses to start: PolicyConfigError names the variable
+    log.info("decision policy: %s", app.state.policy.describe())
     app.state.engine = engine
     app.state.models = models
     app.state.limiter = RateLimiter(settings.rate_limit_per_minute)

@@ -33,6 +33,15 @@ INTERNAL_ERROR = "internal_error"
 NOT_READY = "not_ready"
 BUSY = "busy"
 DATABASE_UNAVAILABLE = "database_unavailable"
+# decision policy refusals (service/face/policy.py), 422
+MULTIPLE_FACES = "multiple_faces"
+QUALITY_BLURRY = "quality_blurry"
+QUALITY_UNDEREXPOSED = "quality_underexposed"
+QUALITY_OVEREXPOSED = "quality_overexposed"
+QUALITY_OFF_FRONTAL = "quality_off_frontal"
+QUALITY_SMALL_FACE = "quality_small_face"
+LIVENESS_REQUIRED = "liveness_required"
+LIVENESS_FAILED = "liveness_failed"
 
 
 def database_unavailable() -> ApiError:

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     console_session_minutes: int = 30   # idle timeout of a console session (absolute cap: 12 h)
     console_secure_cookie: str = "auto" # auto (Secure when the request came over https) | true | false
 
+    # decision policy (service/face/policy.py): what refuses a pair before its score decides
+    live_face_dominance: float = 2.0   # several faces on the live photo: the chosen one's box area must be >= this x the next's
+    refuse_quality: str = ""           # quality flags that refuse (422): comma list of flag, id_photo:flag or live_photo:flag
+    require_liveness: bool = False     # /verify needs the kiosk's passing liveness (presentation-attack) result
+
     data_dir: Path = ROOT.parent / "shared" / "data"
 
 

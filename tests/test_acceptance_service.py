@@ -107,19 +107,23 @@ def test_make_run_flow(server, lfw):
         assert r.json()["role"] == role and r.json()["key"]
         made[role] = {"X-API-Key": r.json()["key"]}
 
-    correct = 0
+    correct = refused = 0
     answers = []
     for i, (a, b, same) in enumerate(_pairs(lfw, 20)):
         files = {"id_photo": (a.name, a.read_bytes(), "image/jpeg"),
                  "live_photo": (b.name, b.read_bytes(), "image/jpeg")}
         r = httpx.post(server + "/verify", files=files, data={"device_id": "gate-7", "reference": f"tx-{i}"},
                        headers=made["kiosk"], timeout=60)
+        answers.append(r.headers["X-Request-ID"])
+        if r.status_code == 422 and r.json()["error"]["code"] == "multiple_faces":
+            refused += 1   # a news photo with a bystander: the decision policy refuses it
+            continue
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["far_target"] is not None and 0.0 <= body["score"] <= 1.0
         correct += (body["decision"] == "match") == same
-        answers.append(body["request_id"])
-    assert correct >= 19, f"{correct}/20 LFW pairs decided correctly"
+    # 4 of these 20 LFW pairs show a second person (measured: studies/decision_policy.py)
+    assert refused <= 4 and correct >= 20 - refused - 1, f"{correct}/{20 - refused} LFW pairs decided correctly"
 
     seen, cursor = [], None
     while True:

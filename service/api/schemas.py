@@ -11,6 +11,7 @@ class ErrorDetail(BaseModel):
     code: str
     message: str
     field: str | None = None
+    rule: str | None = None   # POST /verify: the decision-policy rule that refused (present only then)
 
 
 class ErrorAnswer(BaseModel):
@@ -41,7 +42,8 @@ class VerifyAnswer(BaseModel):
     threshold: float
     far_target: float | None
     scores: dict[str, float | None]    # each family's score of the pair (null: that family had none)
-    scoring: str                       # what decided: a family, "fused", or "fallback:<family>"
+    scoring: str                       # what scored: a family, "fused", or "fallback:<family>"
+    rule: str                          # the decision-policy rule that decided: "score_threshold"
     model_version: str
     faces: VerifyFaces
     timings_ms: dict[str, float]
@@ -61,6 +63,12 @@ class AuditFaces(BaseModel):
     live_photo: AuditFace
 
 
+class AuditLiveness(BaseModel):
+    vendor: str
+    score: float | None
+    passed: bool
+
+
 class AuditRecordAnswer(BaseModel):
     id: str
     seq: int
@@ -72,6 +80,8 @@ class AuditRecordAnswer(BaseModel):
     score: float | None
     scores: dict[str, float | None] | None
     scoring: str | None
+    rule: str | None                   # the decision-policy rule that decided (null: refused before one applied)
+    liveness: AuditLiveness | None     # the kiosk's liveness result, as sent
     threshold: float | None
     far_target: float | None
     model_version: str | None

@@ -1,7 +1,8 @@
 """POST /verify: is the person on the ID-chip photo the person in the live photo?
 
-Top to bottom: authenticate -> authorise -> rate-limit -> read the request -> analyse(id_photo)
--> analyse(live_photo) -> compare -> decide -> audit write -> answer. A `VerifyAttempt`
+Top to bottom: authenticate -> authorise -> rate-limit -> read the request -> liveness rule ->
+analyse(id_photo) and analyse(live_photo), each followed by its photo's policy rules -> compare
+-> decide -> audit write -> answer (service/face/policy.py holds the rules). A `VerifyAttempt`
 collects what each stage saw; the audit record and the answer are both built from it. Every
 call made with a valid key writes exactly one audit record (match, no_match or rejected),
 committed before the answer leaves. The key is checked before the body is read, so anonymous
@@ -32,11 +33,19 @@ router = APIRouter()
 _photo = {"type": "string", "format": "binary"}
 _b64 = {"type": "string", "format": "byte"}
 _text = {"device_id": {"type": "string", "maxLength": 128}, "reference": {"type": "string", "maxLength": 256}}
+_liveness = {"type": "object", "required": ["vendor", "passed"], "additionalProperties": False,
+             "description": "the kiosk's own presentation-attack (liveness) check; audited",
+             "properties": {"vendor": {"type": "string", "minLength": 1, "maxLength": 64},
+                            "score": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                            "passed": {"type": "boolean"}}}
+_liveness_text = {"type": "string", "description": "the liveness object as JSON text"}
 OPENAPI_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["id_photo", "live_photo"],
-                                       "properties": {"id_photo": _photo, "live_photo": _photo, **_text}}},
+                                       "properties": {"id_photo": _photo, "live_photo": _photo, **_text,
+                                                      "liveness": _liveness_text}}},
     "application/json": {"schema": {"type": "object", "required": ["id_photo", "live_photo"],
-                                    "properties": {"id_photo": _b64, "live_photo": _b64, **_text}}},
+                                    "properties": {"id_photo": _b64, "live_photo": _b64, **_text,
+                                                   "liveness": _liveness}}},
 }}}
 
 
@@ -52,8 +61,9 @@ async def verify(request: Request) -> JSONResponse:
         deps.authorize(key, "verify")
         _rate_limit(state.limiter, key.id)
         attempt.received(await read_verify_input(request, state.settings.max_request_bytes))
+        state.policy.check_liveness(attempt.input.liveness)
         models = deps.models(request)
-        await _analyse_sides(models.pipeline, attempt)
+        await _analyse_sides(models.pipeline, state.policy, attempt)
         t0 = time.perf_counter()
         attempt.decided(models.decide(attempt.sides["id_photo"], attempt.sides["live_photo"]),
                         (time.perf_counter() - t0) * 1000.0)
@@ -62,7 +72,7 @@ async def verify(request: Request) -> JSONResponse:
     except Exception:  # noqa: BLE001 - answered as internal_error, logged, and audited
         log.exception("verify %s failed", attempt.request_id)
         attempt.failed(ApiError(INTERNAL, "internal error; quote the request id to support", None, status=500))
-    state.metrics.observe_stages(attempt.timings)
+    state.metrics.observe_stages(attempt.stage_totals())
     attempt.finished()
 
     try:
@@ -80,17 +90,24 @@ async def verify(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def _analyse_sides(pipeline, attempt: VerifyAttempt) -> None:
+def _analyse_photo(pipeline, policy, data: bytes, field: str, timings: dict, side: Side) -> Side:
+    """One photo: the pipeline, then its policy rules (faces, quality)."""
+    side = pipeline.analyse(data, field, timings, side)
+    policy.check_photo(side)
+    return side
+
+
+async def _analyse_sides(pipeline, policy, attempt: VerifyAttempt) -> None:
     """Both photos at once, in two worker threads: a lone request on 2+ cores takes the longer
-    side's time, not the sum (docs/benchmarks.md, "Threads and workers"). Stage timings are
-    summed over the sides, as when they ran in turn. The id photo's error wins, and leaves the
-    live side as if it had not been analysed (as when the id photo went first)."""
+    side's time, not the sum (docs/benchmarks.md, "Threads and workers"); each photo's stage
+    times are kept under its own name. The id photo's error wins, and leaves the live side as if
+    it had not been analysed (as when the id photo went first)."""
     timings = {f: {} for f in FIELDS}
-    results = await asyncio.gather(*(run_in_threadpool(pipeline.analyse, getattr(attempt.input, f), f, timings[f],
-                                                       attempt.sides[f]) for f in FIELDS), return_exceptions=True)
-    for per_side in timings.values():
-        for stage, ms in per_side.items():
-            attempt.timings[stage] = attempt.timings.get(stage, 0.0) + ms
+    results = await asyncio.gather(*(run_in_threadpool(_analyse_photo, pipeline, policy, getattr(attempt.input, f),
+                                                       f, timings[f], attempt.sides[f]) for f in FIELDS),
+                                   return_exceptions=True)
+    for f, per_side in timings.items():
+        attempt.side_timings(f, per_side)
     id_result, live_result = results
     if isinstance(id_result, BaseException):
         attempt.sides["live_photo"] = Side.of("live_photo", attempt.input.live_photo)

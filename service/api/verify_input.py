@@ -1,5 +1,6 @@
 """Reading a /verify request: multipart/form-data (files id_photo, live_photo) or JSON (base64
-strings), optional device_id and reference. The body is capped at settings.max_request_bytes
+strings), optional device_id, reference and liveness (the kiosk's own presentation-attack check:
+a JSON object, sent as a text field in multipart). The body is capped at settings.max_request_bytes
 while it streams in: a declared Content-Length over the cap is refused before reading, and an
 undeclared (chunked) body is refused as soon as it passes the cap. Anything malformed becomes
 an ApiError with a stable code, never an exception the caller sees as a 5xx."""
@@ -19,8 +20,22 @@ from service.errors import IMAGE_TOO_LARGE, INVALID_REQUEST, MISSING_FIELD, UNSU
 
 PHOTO_FIELDS = ("id_photo", "live_photo")
 TEXT_FIELDS = {"device_id": 128, "reference": 256}  # name -> max length
+LIVENESS = "liveness"
+LIVENESS_KEYS = ("vendor", "score", "passed")
+LIVENESS_VENDOR_MAX = 64
 JSON_TYPES = ("application/json",)
 MULTIPART_TYPES = ("multipart/form-data",)
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """The kiosk's own liveness (presentation-attack) check of the live photo, as it reported it."""
+    vendor: str
+    passed: bool
+    score: float | None = None   # the vendor's score, in [0, 1]
+
+    def to_record(self) -> dict:
+        return {"vendor": self.vendor, "score": self.score, "passed": self.passed}
 
 
 @dataclass
@@ -29,6 +44,7 @@ class VerifyInput:
     live_photo: bytes
     device_id: str | None = None
     reference: str | None = None
+    liveness: Liveness | None = None
 
 
 async def read_verify_input(request: Request, max_bytes: int) -> VerifyInput:
@@ -50,6 +66,7 @@ async def read_verify_input(request: Request, max_bytes: int) -> VerifyInput:
         live_photo=fields["live_photo"],
         device_id=_text(fields, "device_id"),
         reference=_text(fields, "reference"),
+        liveness=_liveness(fields.get(LIVENESS)),
     )
 
 
@@ -88,7 +105,7 @@ class _Utf8MultiPartParser(MultiPartParser):
             try:
                 bytes(part.data).decode("utf-8")
             except UnicodeDecodeError:
-                name = part.field_name if part.field_name in TEXT_FIELDS else None
+                name = part.field_name if part.field_name in (*TEXT_FIELDS, LIVENESS) else None
                 raise ApiError(INVALID_REQUEST, f"the form field {part.field_name[:64]!r} is not valid UTF-8",
                                name) from None
         super().on_part_end()
@@ -118,6 +135,10 @@ async def _read_multipart(request: Request, body: AsyncIterator[bytes]) -> dict:
             fields[name] = await value.read()
         for name in TEXT_FIELDS:
             fields[name] = form.get(name)
+        liveness = form.get(LIVENESS)
+        if liveness is not None and not isinstance(liveness, str):
+            raise ApiError(INVALID_REQUEST, "liveness must be a text field holding a JSON object", LIVENESS)
+        fields[LIVENESS] = None if liveness is None else _liveness_json(liveness)
         return fields
     finally:
         await form.close()
@@ -130,7 +151,7 @@ def _parse_json(raw: bytes) -> dict:
         raise ApiError(INVALID_REQUEST, "the body is not valid JSON") from exc
     if not isinstance(doc, dict):
         raise ApiError(INVALID_REQUEST, "the body must be a JSON object")
-    fields = {name: doc.get(name) for name in TEXT_FIELDS}
+    fields = {name: doc.get(name) for name in (*TEXT_FIELDS, LIVENESS)}
     for name in PHOTO_FIELDS:
         value = doc.get(name)
         if value is None:
@@ -163,3 +184,39 @@ def _text(fields: dict, name: str) -> str | None:
     if any(not ch.isprintable() for ch in value):
         raise ApiError(INVALID_REQUEST, f"{name} contains control characters", name)
     return value or None
+
+
+def _liveness_json(text: str):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(INVALID_REQUEST, "liveness is not valid JSON (send an object: vendor, score, passed)",
+                       LIVENESS) from exc
+
+
+def _liveness(value) -> Liveness | None:
+    """{"vendor": str, "score": number in [0, 1] or null (optional), "passed": bool} or None."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ApiError(INVALID_REQUEST, "liveness must be a JSON object (vendor, score, passed)", LIVENESS)
+    unknown = sorted(str(k)[:32] for k in value if k not in LIVENESS_KEYS)
+    if unknown:
+        raise ApiError(INVALID_REQUEST, f"liveness has unknown keys {unknown}; allowed: {list(LIVENESS_KEYS)}",
+                       LIVENESS)
+    vendor = value.get("vendor")
+    if not isinstance(vendor, str) or not vendor.strip():
+        raise ApiError(INVALID_REQUEST, "liveness.vendor is required: the liveness check's name", "liveness.vendor")
+    vendor = vendor.strip()
+    if len(vendor) > LIVENESS_VENDOR_MAX or any(not ch.isprintable() for ch in vendor):
+        raise ApiError(INVALID_REQUEST, f"liveness.vendor must be at most {LIVENESS_VENDOR_MAX} printable "
+                       "characters", "liveness.vendor")
+    passed = value.get("passed")
+    if not isinstance(passed, bool):
+        raise ApiError(INVALID_REQUEST, "liveness.passed is required: true or false", "liveness.passed")
+    score = value.get("score")
+    if score is not None:
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1:  # NaN fails too
+            raise ApiError(INVALID_REQUEST, "liveness.score must be a number in [0, 1] (or null)", "liveness.score")
+        score = float(score)
+    return Liveness(vendor=vendor, passed=passed, score=score)

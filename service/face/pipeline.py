@@ -47,6 +47,7 @@ class Side:
     sha256: str
     faces_seen: int | None = None  # None: detection never ran on it
     face: Face | None = None
+    faces: list[Face] = dc_field(default_factory=list, repr=False)  # every face detected (the policy's input)
     face_px: float = 0.0
     quality: dict = dc_field(default_factory=dict)
     embedding: np.ndarray | None = None          # the primary family's
@@ -149,7 +150,7 @@ class Pipeline:
             image = decode_image(data, field, self.settings)
         with timed(timings, "detect"):
             faces = self.detector.detect(image)
-        side.faces_seen = len(faces)
+        side.faces, side.faces_seen = faces, len(faces)
         if not faces:
             raise ApiError(NO_FACE, "no face was found in the image", field, status=422)
         face = select_face(faces, image.shape)

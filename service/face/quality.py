@@ -1,5 +1,6 @@
-"""Quality flags for one face: size, sharpness, exposure, pose. Informational: they are
-reported with every answer and in the audit trail; the decision does not use them."""
+"""Quality flags for one face: size, sharpness, exposure, pose. Reported with every answer and
+in the audit trail; they refuse a photo only where the decision policy says so
+(service/face/policy.py: IDV_REFUSE_QUALITY, and the multiple-faces rule)."""
 from __future__ import annotations
 
 import cv2
@@ -10,6 +11,7 @@ DARK_MAX = 60.0          # mean luma below: underexposed
 BRIGHT_MIN = 200.0       # mean luma above: overexposed
 YAW_MAX = 0.30           # |nose offset from the eye midline| / eye distance
 SMALL_FACE_PX = 64       # below this the face is usable but small (live photos; chips: IDV_CHIP_SMALL_FACE_PX)
+FLAGS = ("blurry", "underexposed", "overexposed", "off_frontal", "small_face", "multiple_faces")  # the booleans
 
 
 def assess(chip: np.ndarray, landmarks: np.ndarray, face_px: float, faces_seen: int,

@@ -38,8 +38,8 @@ HASHED_FIELDS = (
     "live_faces", "live_box", "live_quality", "live_sha256",
     "error_code", "error_field", "latency_ms", "timings_ms", "prev_hash",
 )
-# Added later (migration 0003): hashed only when set, so records written before them still verify.
-HASHED_IF_SET = ("scores", "scoring")
+# Added later (migrations 0004, 0005): hashed only when set, so records written before them still verify.
+HASHED_IF_SET = ("scores", "scoring", "rule", "liveness")
 FLOAT_FIELDS = {"score", "threshold", "far_target", "latency_ms"}
 SIDE_FIELDS = {"id_photo": "id", "live_photo": "live"}
 
@@ -156,6 +156,8 @@ def to_public(record: AuditRecord) -> dict:
         "score": record.score,
         "scores": record.scores,
         "scoring": record.scoring,
+        "rule": record.rule,
+        "liveness": record.liveness,
         "threshold": record.threshold,
         "far_target": record.far_target,
         "model_version": record.model_version,

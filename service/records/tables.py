@@ -53,6 +53,8 @@ class AuditRecord(Base):
     model_version: Mapped[str | None] = mapped_column(String(64))
     scores: Mapped[dict | None] = mapped_column(Json)                # family -> score (migration 0003)
     scoring: Mapped[str | None] = mapped_column(String(32))          # a family, fused, fallback:<family>
+    rule: Mapped[str | None] = mapped_column(String(64))             # the policy rule that decided (migration 0005)
+    liveness: Mapped[dict | None] = mapped_column(Json)              # the kiosk's liveness result (migration 0005)
 
     id_faces: Mapped[int | None] = mapped_column(Integer)
     id_box: Mapped[list | None] = mapped_column(Json)

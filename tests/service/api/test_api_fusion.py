@@ -27,7 +27,11 @@ def test_fused_verify_answers_and_audits_the_scores(make_client, fused, lfw_pair
     assert set(body["scores"]) == {"towers", "sface"} and all(0 <= s <= 1 for s in body["scores"].values())
     assert 0 <= body["score"] <= 1 and body["threshold"] == fused.threshold.score
     assert body["far_target"] == fused.threshold.far and body["model_version"] == fused.model_version
-    assert {"align:towers", "align:sface", "embed:towers", "embed:sface"} <= set(body["timings_ms"])
+    assert {f"{side}.{stage}:{family}" for side in ("id_photo", "live_photo") for stage in ("align", "embed")
+            for family in ("towers", "sface")} <= set(body["timings_ms"])
+    for key in ("id_photo.align", "id_photo.embed", "live_photo.embed"):   # a stage's per-family parts are in it
+        parts = body["timings_ms"][f"{key}:towers"] + body["timings_ms"][f"{key}:sface"]
+        assert parts <= body["timings_ms"][key] + 0.01, body["timings_ms"]
     record = audit.get(engine, body["request_id"])
     assert record.scores == body["scores"] and record.scoring == "fused" and record.score == body["score"]
     got = client.get(f"/audit/{body['request_id']}", headers={"X-API-Key": role_keys["operator"]}).json()

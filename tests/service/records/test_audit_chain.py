@@ -84,9 +84,9 @@ def test_chain_verifies_after_200_concurrent_verify_calls_on_postgresql(request,
 
         failures = [r for r in results if not isinstance(r, tuple)]
         assert not failures, failures[:3]
-        statuses = {status for status, _, _ in results}
-        expected = {200}
-        assert statuses == expected, statuses
+        # decided, or refused by the decision policy (an LFW news photo with a bystander beside the subject)
+        outcomes = {(status, body.get("error", {}).get("code")) for status, _, body in results}
+        assert (200, None) in outcomes and outcomes <= {(200, None), (422, "multiple_faces")}, outcomes
         with capsys.disabled():
             print(f"\n{CALLS} concurrent /verify calls on PostgreSQL in {elapsed:.1f} s "
                   "(real pipeline)")
