@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
         log.info("threads: %s", {**threads.configure_process(settings), **threads.configure_event_loop(settings)})
         if app.state.models is None:
             app.state.models = await run_in_threadpool(load_models, settings)
+        app.state.metrics.set_models(app.state.models)
         try:
             yield
         finally:

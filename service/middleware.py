@@ -18,10 +18,9 @@ import logging
 import time
 import uuid
 
-from service.errors import ApiError
+from service.errors import REQUEST_TIMEOUT, ApiError
 
 log = logging.getLogger("idverify.app")
-REQUEST_TIMEOUT = "request_timeout"
 
 
 class SecurityHeaders:

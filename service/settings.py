@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     console_session_minutes: int = 30   # idle timeout of a console session (absolute cap: 12 h)
     console_secure_cookie: str = "auto" # auto (Secure when the request came over https) | true | false
 
+    # replays and the same image (docs/security.md "Replays and the same image")
+    replay_window_seconds: int = 24 * 3600   # a live photo (its SHA-256) decided on within this is flagged; 0 = off
+    refuse_replayed_live: bool = False       # refuse a flagged live photo (409 live_photo_replayed)
+
     data_dir: Path = ROOT.parent / "shared" / "data"
 
 

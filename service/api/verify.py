@@ -75,6 +75,8 @@ async def verify(request: Request) -> JSONResponse:
             log.exception("audit write for %s failed", attempt.request_id)
             attempt.failed(ApiError(INTERNAL, "the audit record could not be written", None, status=500))
 
+    if attempt.error is None:
+        state.metrics.observe_scores(attempt.scores, attempt.scoring, attempt.score)
     request.state.outcome = attempt.outcome
     status, body, headers = attempt.answer(models)
     return JSONResponse(body, status_code=status, headers=headers)
