@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.api import deps
+from service.api import deps, guards
 from service.api.attempt import FIELDS, INTERNAL, VerifyAttempt
 from service.api.schemas import AUTH_ERRORS, VerifyAnswer, errors
 from service.api.verify_input import read_verify_input
@@ -41,7 +41,7 @@ OPENAPI_BODY = {"requestBody": {"required": True, "content": {
 
 
 @router.post("/verify", openapi_extra=OPENAPI_BODY, tags=["verify"], response_model=VerifyAnswer,
-             responses=errors(400, 413, 415, 422, 429, 503, *AUTH_ERRORS), dependencies=[deps.documented("verify")])
+             responses=errors(400, 409, 413, 415, 422, 429, 503, *AUTH_ERRORS), dependencies=[deps.documented("verify")])
 async def verify(request: Request) -> JSONResponse:
     state = request.app.state
     attempt = VerifyAttempt()
@@ -53,7 +53,9 @@ async def verify(request: Request) -> JSONResponse:
         _rate_limit(state.limiter, key.id)
         attempt.received(await read_verify_input(request, state.settings.max_request_bytes))
         models = deps.models(request)
+        await guards.before_analysis(state, key, attempt)   # device binding, same bytes, replays
         await _analyse_sides(models.pipeline, attempt)
+        await guards.after_analysis(state.settings, attempt)   # same pixels
         t0 = time.perf_counter()
         scores = models.pipeline.scores(attempt.sides["id_photo"], attempt.sides["live_photo"])
         attempt.decided(models.scoring.decide(scores), (time.perf_counter() - t0) * 1000.0)
