@@ -7,6 +7,7 @@ import io
 import logging
 import threading
 import time
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -132,8 +133,10 @@ def _cell(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     text = str(value)
-    # caller-supplied text (device id, reference) must not run as a spreadsheet formula
-    return "'" + text if text.startswith(_FORMULA_START) else text
+    # caller-supplied text (device id, reference) must not run as a spreadsheet formula, nor
+    # its full-width or small forms (＝ ＋ － ＠, ﹦ ﹢ ﹣ ﹫), which spreadsheets may fold to ASCII
+    lead = unicodedata.normalize("NFKC", text[:1])
+    return "'" + text if text.startswith(_FORMULA_START) or lead.startswith(_FORMULA_START) else text
 
 
 def csv_lines(engine: Engine, flt: AuditFilter) -> Iterator[str]:

@@ -180,3 +180,17 @@ def test_a_json_key_named_twice_is_refused(make_client, models, photo, engine, r
         assert conn.execute(select(func.count()).select_from(ApiKey)).scalar() == before
     r = client.post("/admin/keys", headers=admin, content='{"role": "kiosk", "name": "k"}')
     assert r.status_code == 201, r.text
+
+
+def test_keys_cli_binds_a_kiosk_key(db_url, engine, capsys):
+    from service.cli import main as cli
+
+    assert cli(["keys", "--database-url", db_url, "create", "--role", "kiosk", "--name", "gate", "--device-id",
+                "kiosk-7"]) == 0
+    key = keys.lookup(engine, capsys.readouterr().out.strip().splitlines()[-1])
+    assert key.role == "kiosk" and key.device_id == "kiosk-7" and keys.device_bound(engine, "kiosk-7")
+    assert cli(["keys", "--database-url", db_url, "list"]) == 0
+    assert "(device 'kiosk-7')" in capsys.readouterr().out
+    assert cli(["keys", "--database-url", db_url, "create", "--role", "operator", "--name", "o", "--device-id",
+                "kiosk-8"]) == 1
+    assert "only a kiosk key" in capsys.readouterr().out and not keys.device_bound(engine, "kiosk-8")
