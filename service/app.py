@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import threads
+from service import logsafe, threads
 from service.api import openapi
 from service.records import keys
 from service.records.engine import OUTAGE_ERRORS, make_engine, schema_is_current
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
         log.info("threads: %s", {**threads.configure_process(settings), **threads.configure_event_loop(settings)})
         if app.state.models is None:
             app.state.models = await run_in_threadpool(load_models, settings)
+        app.state.metrics.set_models(app.state.models)
         try:
             yield
         finally:
@@ -124,8 +125,9 @@ def _error_handlers(app: FastAPI) -> None:
         with Retry-After, never a bare 500 or a dropped connection. The pool reconnects by itself."""
         err = database_unavailable()
         request_id = str(uuid.uuid4())
-        log.warning("database unavailable on %s %s (request %s): %s", request.method, request.url.path,
-                    request_id, str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+        cause = logsafe.printable(str(exc).splitlines()[0]) if str(exc) else exc.__class__.__name__
+        log.warning("database unavailable on %s %s (request %s): %s", request.method,
+                    logsafe.printable(request.url.path), request_id, cause)
         return _error_response(err.code, err.message, None, err.status, {**err.headers, "X-Request-ID": request_id})
 
     for cls in OUTAGE_ERRORS:
@@ -133,7 +135,7 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        log.error("unhandled error on %s %s", request.method, logsafe.printable(request.url.path), exc_info=exc)
         return _error_response("internal_error", "internal error", None, 500)
 
 
@@ -160,12 +162,14 @@ def _cmd_serve(args) -> int:
         config = uvicorn_config(create_app(settings), settings, host=host, port=port, log_level="info",
                                 timeout_graceful_shutdown=10)
         install_log_throttle()   # uvicorn.Config has set up its loggers' handlers by now
+        logsafe.install()
         uvicorn.Server(config).run()
         return 0
     from uvicorn.supervisors import Multiprocess
     config = uvicorn_config("service.app:create_app", settings, factory=True, workers=n, host=host, port=port,
                             log_level="info", timeout_graceful_shutdown=10)
     install_log_throttle()
+    logsafe.install()
     sockets = [config.bind_socket()]
     if "target" in inspect.signature(Multiprocess.__init__).parameters:   # uvicorn 0.30-0.36 at least
         Multiprocess(config, target=uvicorn.Server(config).run, sockets=sockets).run()

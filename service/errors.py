@@ -42,6 +42,12 @@ QUALITY_OFF_FRONTAL = "quality_off_frontal"
 QUALITY_SMALL_FACE = "quality_small_face"
 LIVENESS_REQUIRED = "liveness_required"
 LIVENESS_FAILED = "liveness_failed"
+REQUEST_TIMEOUT = "request_timeout"
+# replays, the same image, device binding, strict JSON
+SAME_IMAGE = "same_image"                      # 422: the live photo is the chip photo (bytes or pixels)
+LIVE_PHOTO_REPLAYED = "live_photo_replayed"    # 409: seen before, IDV_REFUSE_REPLAYED_LIVE on
+DEVICE_MISMATCH = "device_mismatch"            # 403: the device_id is bound to another key
+DUPLICATE_JSON_KEY = "duplicate_json_key"      # 400: a JSON object names a key twice
 
 
 def database_unavailable() -> ApiError:

@@ -18,10 +18,10 @@ import logging
 import time
 import uuid
 
-from service.errors import ApiError
+from service.errors import REQUEST_TIMEOUT, ApiError
+from service.logsafe import printable
 
 log = logging.getLogger("idverify.app")
-REQUEST_TIMEOUT = "request_timeout"
 
 
 class SecurityHeaders:
@@ -101,8 +101,8 @@ class CatchAll:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:  # noqa: BLE001 - the last resort: an envelope, not a dropped connection
             request_id = str(uuid.uuid4())
-            log.error("unhandled error on %s %s (request %s)", scope.get("method"), scope.get("path"), request_id,
-                      exc_info=exc)
+            log.error("unhandled error on %s %s (request %s)", printable(str(scope.get("method"))),
+                      printable(str(scope.get("path"))), request_id, exc_info=exc)
             if started:  # too late for an answer of our own: the server ends the connection
                 raise
             body = error_body("internal_error", "internal error; quote the request id to support")

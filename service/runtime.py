@@ -4,9 +4,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import onnxruntime as ort
+import onnxruntime as ort   # with ORT_DISABLE_TELEMETRY set (service/__init__.py)
 
 log = logging.getLogger("idverify.runtime")
+ort.disable_telemetry_events()   # the platform's event tracing too, where it has any
 
 
 def choose_providers(preference: str = "auto") -> list[str]:

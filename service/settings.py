@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     refuse_quality: str = ""           # quality flags that refuse (422): comma list of flag, id_photo:flag or live_photo:flag
     require_liveness: bool = False     # /verify needs the kiosk's passing liveness (presentation-attack) result
 
+    # replays and the same image (docs/security.md "Replays and the same image")
+    replay_window_seconds: int = 24 * 3600   # a live photo (its SHA-256) decided on within this is flagged; 0 = off
+    refuse_replayed_live: bool = False       # refuse a flagged live photo (409 live_photo_replayed)
+
     data_dir: Path = ROOT.parent / "shared" / "data"
 
 

@@ -7,7 +7,8 @@
 - `pipeline`: the real face pipeline, loaded and warmed once per session (a load failure fails).
 - `make_client`: an app on a given database/pipeline/settings, served by TestClient.
 - face images: insightface's bundled photos (always there with the package) and LFW from
-  settings.data_dir (IDV_DATA_DIR; tests that need it skip when it is absent).
+  settings.data_dir (IDV_DATA_DIR; tests that need it skip when it is absent); `reencoded(photo)`
+  for a live photo of the same face that is not the ID photo itself.
 """
 from __future__ import annotations
 
@@ -201,6 +202,18 @@ def bundled_images() -> Path:
     if path is None:
         pytest.skip("insightface's bundled images are not installed")
     return path
+
+
+def reencoded(photo: bytes, quality: int = 90) -> bytes:
+    """The same photo as a JPEG: other bytes and other pixels, the same face. /verify refuses
+    the ID photo itself as the live photo (`same_image`); tests that want a sure match send this."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photo)).convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="session")

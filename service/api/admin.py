@@ -9,20 +9,22 @@ from pydantic import BaseModel, Field, field_validator
 from service.records import keys
 from service.api import deps
 from service.api.schemas import AUTH_ERRORS, KeyAnswer, KeyCreated, KeyList, errors
-from service.errors import ApiError
+from service.errors import INVALID_REQUEST, ApiError
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(deps.require("keys"))],
-                   responses=errors(*AUTH_ERRORS))
+                   responses=errors(*AUTH_ERRORS), route_class=deps.StrictJsonRoute)
 
 
 class KeyCreate(BaseModel):
     role: Literal["kiosk", "operator", "admin"]
     name: str = Field(min_length=1, max_length=200)
+    device_id: str | None = Field(None, min_length=1, max_length=keys.DEVICE_ID_MAX,
+                                  description="kiosk keys only: bind the key to this device_id")
 
-    @field_validator("name")
+    @field_validator("name", "device_id")
     @classmethod
-    def printable(cls, value: str) -> str:
-        if not value.isprintable():   # NUL bytes among them: PostgreSQL refuses them in text
+    def printable(cls, value: str | None) -> str | None:
+        if value is not None and not value.isprintable():   # NUL bytes among them: PostgreSQL refuses them
             raise ValueError("must not contain control characters")
         return value
 
@@ -30,9 +32,12 @@ class KeyCreate(BaseModel):
 @router.post("/keys", status_code=201, response_model=KeyCreated, responses=errors(400))
 def create_key(body: KeyCreate, request: Request) -> dict:
     """The plaintext key is in this answer only; it is stored hashed."""
+    if body.device_id is not None and body.role != "kiosk":
+        raise ApiError(INVALID_REQUEST, "only a kiosk key can be bound to a device_id", "device_id")
     key, plaintext = keys.create_key(deps.engine(request), body.role, body.name,
-                                     pepper=request.app.state.settings.key_pepper)
-    return {"id": key.id, "key": plaintext, "role": key.role, "name": key.name, "prefix": key.prefix}
+                                     pepper=request.app.state.settings.key_pepper, device_id=body.device_id)
+    return {"id": key.id, "key": plaintext, "role": key.role, "name": key.name, "prefix": key.prefix,
+            "device_id": key.device_id}
 
 
 @router.get("/keys", response_model=KeyList)

@@ -32,6 +32,7 @@ class VerifyAttempt:
     rule: str | None = None              # the policy rule that decided (service/face/policy.py)
     error: ApiError | None = None
     latency_ms: float | None = None
+    live_seen_before: bool | None = None  # the live photo was decided on within the replay window (service/api/guards.py)
 
     # --- stages -----------------------------------------------------------------------------
 
@@ -91,6 +92,7 @@ class VerifyAttempt:
             error_code=self.error.code if self.error else None, error_field=self.error.field if self.error else None,
             latency_ms=round(self.latency_ms, 3),
             timings_ms={k: round(v, 3) for k, v in self.timings.items()} or None,
+            live_seen_before=self.live_seen_before,
         )
         return columns
 
@@ -113,6 +115,7 @@ class VerifyAttempt:
             "model_version": models.model_version,
             "faces": {f: side.to_public() for f, side in self.sides.items()},
             "timings_ms": {stage: round(ms, 2) for stage, ms in timings.items()},
+            "live_photo_seen_before": self.live_seen_before,
         }
         return 200, body, headers
 

@@ -1,10 +1,14 @@
 """What the routes share: the app's state, and authentication by X-API-Key with roles."""
 from __future__ import annotations
 
+import json
+
 from fastapi import Request, Security
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from sqlalchemy import Engine
 
+from service.api.verify_input import unique_keys
 from service.records import keys
 from service.records.tables import ApiKey
 from service.errors import FORBIDDEN, RATE_LIMITED, UNAUTHORIZED, ApiError
@@ -73,3 +77,22 @@ def require(permission: str):
         return key
 
     return dependency
+
+
+class StrictJsonRoute(APIRoute):
+    """A route whose JSON body may not name a key twice (400 `duplicate_json_key`): FastAPI's
+    own parsing would keep the last value. Bodies that are not JSON are left to FastAPI."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def strict(request: Request):
+            raw = await request.body()   # kept on the request: FastAPI reads the same bytes
+            if raw:
+                try:
+                    json.loads(raw, object_pairs_hook=unique_keys)
+                except (ValueError, RecursionError):
+                    pass   # not JSON: answered by FastAPI's parsing
+            return await handler(request)
+
+        return strict

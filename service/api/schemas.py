@@ -47,6 +47,7 @@ class VerifyAnswer(BaseModel):
     model_version: str
     faces: VerifyFaces
     timings_ms: dict[str, float]
+    live_photo_seen_before: bool | None   # decided on within IDV_REPLAY_WINDOW_SECONDS (null: not checked)
 
 
 # --- /audit ---------------------------------------------------------------------------------
@@ -90,6 +91,7 @@ class AuditRecordAnswer(BaseModel):
     error_field: str | None
     latency_ms: float
     timings_ms: dict[str, float] | None
+    live_photo_seen_before: bool | None   # null: not checked (or a record from before the check)
     images_retained: bool
     prev_hash: str
     record_hash: str
@@ -112,6 +114,7 @@ class KeyAnswer(BaseModel):
     prefix: str
     created_at: str | None
     revoked_at: str | None
+    device_id: str | None   # the device a kiosk key is bound to
 
 
 class KeyCreated(BaseModel):
@@ -121,6 +124,7 @@ class KeyCreated(BaseModel):
     role: Role
     name: str
     prefix: str
+    device_id: str | None
 
 
 class KeyList(BaseModel):
@@ -146,14 +150,14 @@ class ReadyAnswer(BaseModel):
 
 
 ERROR_STATUSES = {
-    400: "invalid_request, missing_field or image_undecodable",
+    400: "invalid_request, missing_field, duplicate_json_key or image_undecodable",
     401: "unauthorized: no X-API-Key, or an unknown or revoked one",
-    403: "forbidden: the key's role may not call this",
+    403: "forbidden: the key's role may not call this; device_mismatch: the device_id is bound to another key",
     404: "not_found",
-    409: "conflict: e.g. revoking the last active admin key",
+    409: "conflict: e.g. revoking the last active admin key, live_photo_replayed",
     413: "image_too_large: the body or an image is over its cap",
     415: "unsupported_media_type",
-    422: "no_face or face_too_small",
+    422: "no_face, face_too_small or same_image",
     429: "rate_limited (Retry-After says when to retry)",
     500: "internal_error",
     503: "not_ready: the models are not loaded",

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.api import deps
+from service.api import deps, guards
 from service.api.attempt import FIELDS, INTERNAL, VerifyAttempt
 from service.api.schemas import AUTH_ERRORS, VerifyAnswer, errors
 from service.api.verify_input import read_verify_input
@@ -50,7 +50,7 @@ OPENAPI_BODY = {"requestBody": {"required": True, "content": {
 
 
 @router.post("/verify", openapi_extra=OPENAPI_BODY, tags=["verify"], response_model=VerifyAnswer,
-             responses=errors(400, 413, 415, 422, 429, 503, *AUTH_ERRORS), dependencies=[deps.documented("verify")])
+             responses=errors(400, 409, 413, 415, 422, 429, 503, *AUTH_ERRORS), dependencies=[deps.documented("verify")])
 async def verify(request: Request) -> JSONResponse:
     state = request.app.state
     attempt = VerifyAttempt()
@@ -63,7 +63,9 @@ async def verify(request: Request) -> JSONResponse:
         attempt.received(await read_verify_input(request, state.settings.max_request_bytes))
         state.policy.check_liveness(attempt.input.liveness)
         models = deps.models(request)
+        await guards.before_analysis(state, key, attempt)   # device binding, same bytes, replays
         await _analyse_sides(models.pipeline, state.policy, attempt)
+        await guards.after_analysis(state.settings, attempt)   # same pixels
         t0 = time.perf_counter()
         attempt.decided(models.decide(attempt.sides["id_photo"], attempt.sides["live_photo"]),
                         (time.perf_counter() - t0) * 1000.0)
@@ -85,6 +87,8 @@ async def verify(request: Request) -> JSONResponse:
             log.exception("audit write for %s failed", attempt.request_id)
             attempt.failed(ApiError(INTERNAL, "the audit record could not be written", None, status=500))
 
+    if attempt.error is None:
+        state.metrics.observe_scores(attempt.scores, attempt.scoring, attempt.score)
     request.state.outcome = attempt.outcome
     status, body, headers = attempt.answer(models)
     return JSONResponse(body, status_code=status, headers=headers)

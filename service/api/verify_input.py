@@ -16,7 +16,8 @@ from fastapi import Request
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from service.errors import IMAGE_TOO_LARGE, INVALID_REQUEST, MISSING_FIELD, UNSUPPORTED_MEDIA_TYPE, ApiError
+from service.errors import (DUPLICATE_JSON_KEY, IMAGE_TOO_LARGE, INVALID_REQUEST, MISSING_FIELD, UNSUPPORTED_MEDIA_TYPE,
+                            ApiError)
 
 PHOTO_FIELDS = ("id_photo", "live_photo")
 TEXT_FIELDS = {"device_id": 128, "reference": 256}  # name -> max length
@@ -144,9 +145,20 @@ async def _read_multipart(request: Request, body: AsyncIterator[bytes]) -> dict:
         await form.close()
 
 
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads' object_pairs_hook: an object naming a key twice is 400 `duplicate_json_key`
+    (json.loads would silently keep the last value)."""
+    out: dict = {}
+    for name, value in pairs:
+        if name in out:
+            raise ApiError(DUPLICATE_JSON_KEY, f"the JSON body names {name[:64]!r} more than once", name[:64])
+        out[name] = value
+    return out
+
+
 def _parse_json(raw: bytes) -> dict:
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw, object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ApiError(INVALID_REQUEST, "the body is not valid JSON") from exc
     if not isinstance(doc, dict):

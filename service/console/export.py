@@ -6,6 +6,7 @@ neutralised with a leading apostrophe."""
 from __future__ import annotations
 
 import csv
+import unicodedata
 import io
 from typing import Iterator, Sequence
 
@@ -32,7 +33,10 @@ def _cell(value) -> str:
         return "true" if value else "false"
     text = str(value)
     # caller-supplied text (device id, reference) must not run as a spreadsheet formula
-    return "'" + text if text.startswith(_FORMULA_START) else text
+    # caller-supplied text (device id, reference) must not run as a spreadsheet formula, nor
+    # its full-width or small forms (＝ ＋ － ＠, ﹦ ﹢ ﹣ ﹫), which spreadsheets may fold to ASCII
+    lead = unicodedata.normalize("NFKC", text[:1])
+    return "'" + text if text.startswith(_FORMULA_START) or lead.startswith(_FORMULA_START) else text
 
 
 def iter_records(engine: Engine, flt: AuditFilter, batch: int = 1000, upto: int | None = None,

@@ -38,8 +38,8 @@ HASHED_FIELDS = (
     "live_faces", "live_box", "live_quality", "live_sha256",
     "error_code", "error_field", "latency_ms", "timings_ms", "prev_hash",
 )
-# Added later (migrations 0004, 0005): hashed only when set, so records written before them still verify.
-HASHED_IF_SET = ("scores", "scoring", "rule", "liveness")
+# Added later (migrations 0004-0006): hashed only when set, so records written before them still verify.
+HASHED_IF_SET = ("scores", "scoring", "rule", "liveness", "live_seen_before")
 FLOAT_FIELDS = {"score", "threshold", "far_target", "latency_ms"}
 SIDE_FIELDS = {"id_photo": "id", "live_photo": "live"}
 
@@ -166,10 +166,21 @@ def to_public(record: AuditRecord) -> dict:
         "error_field": record.error_field,
         "latency_ms": record.latency_ms,
         "timings_ms": record.timings_ms,
+        "live_photo_seen_before": record.live_seen_before,
         "images_retained": record.images_retained,
         "prev_hash": record.prev_hash,
         "record_hash": record.record_hash,
     }
+
+
+def live_photo_seen(engine: Engine, sha256: str, since: datetime) -> bool:
+    """Was a live photo with this SHA-256 decided on (match or no_match) since then? One probe
+    of the (live_sha256, created_at) index."""
+    R = AuditRecord
+    stmt = (select(R.seq).where(R.live_sha256 == sha256, R.created_at >= utc(since),
+                                R.decision.in_(("match", "no_match"))).limit(1))
+    with read_session(engine) as s:
+        return s.execute(stmt).first() is not None
 
 
 def plausible_id(record_id: str) -> bool:

@@ -35,6 +35,7 @@ KEY_TAG = "idv_"
 PREFIX_LEN = 12
 MIN_BOOTSTRAP_LEN = 32
 MAX_KEY_ID = 2**31 - 1   # api_keys.id is an INTEGER
+DEVICE_ID_MAX = 128      # as /verify's device_id
 log = logging.getLogger("idverify.keys")
 
 
@@ -72,16 +73,21 @@ def public(key: ApiKey) -> dict:
         "prefix": key.prefix,
         "created_at": key.created_at.isoformat() if key.created_at else None,
         "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+        "device_id": key.device_id,
     }
 
 
 def create_key(engine: Engine, role: str, name: str, plaintext: str | None = None,
-               pepper: str | None = None) -> tuple[ApiKey, str]:
+               pepper: str | None = None, device_id: str | None = None) -> tuple[ApiKey, str]:
+    """`device_id`: bind a kiosk key to that device (service/api/guards.py)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    if device_id is not None and (role != "kiosk" or not 0 < len(device_id) <= DEVICE_ID_MAX
+                                  or not device_id.isprintable()):
+        raise ValueError(f"only a kiosk key can be bound to a device_id (1-{DEVICE_ID_MAX} printable characters)")
     plaintext = plaintext or generate_key()
     key = ApiKey(name=name, role=role, prefix=display_prefix(plaintext), key_hash=hash_key(plaintext, pepper),
-                 created_at=datetime.now(timezone.utc))
+                 created_at=datetime.now(timezone.utc), device_id=device_id)
     with write_session(engine) as s:
         s.add(key)
     return key, plaintext
@@ -109,6 +115,13 @@ def revoke_key(engine: Engine, key_id: int, keep_last_admin: bool = False) -> Ap
         if key is not None and key.revoked_at is None:
             key.revoked_at = datetime.now(timezone.utc)
         return key
+
+
+def device_bound(engine: Engine, device_id: str) -> bool:
+    """Is an active key bound to this device_id?"""
+    with read_session(engine) as s:
+        return s.scalars(select(ApiKey.id).where(ApiKey.device_id == device_id, ApiKey.revoked_at.is_(None))
+                         .limit(1)).first() is not None
 
 
 def lookup(engine: Engine, plaintext: str | None, pepper: str | None = None) -> ApiKey | None:
@@ -154,6 +167,7 @@ def register(sub) -> None:
     c = ks.add_parser("create", help="create a key; its plaintext is printed once, as the last line")
     c.add_argument("--role", required=True, choices=ROLES)
     c.add_argument("--name", required=True)
+    c.add_argument("--device-id", help="kiosk keys: bind the key to this device_id (no other key may use it)")
     c.set_defaults(func=_cmd_create)
     ls = ks.add_parser("list", help="list keys (prefix, role, name, state)")
     ls.set_defaults(func=_cmd_list)
@@ -173,8 +187,14 @@ def _cmd_create(args) -> int:
     from service.settings import get_settings
 
     engine = _engine(args)
-    key, plaintext = create_key(engine, args.role, args.name, pepper=get_settings().key_pepper)
-    print(f"created key {key.id} ({key.role}, {key.name!r}); store it now, it is not shown again:")
+    try:
+        key, plaintext = create_key(engine, args.role, args.name, pepper=get_settings().key_pepper,
+                                    device_id=args.device_id)
+    except ValueError as exc:
+        print(str(exc))
+        return 1
+    bound = f", device {key.device_id!r}" if key.device_id else ""
+    print(f"created key {key.id} ({key.role}, {key.name!r}{bound}); store it now, it is not shown again:")
     print(plaintext)
     return 0
 
@@ -184,7 +204,8 @@ def _cmd_list(args) -> int:
     print(f"{'id':>4}  {'prefix':<12}  {'role':<8}  {'state':<7}  {'created':<19}  name")
     for k in keys:
         state = "revoked" if k.revoked_at else "active"
-        print(f"{k.id:>4}  {k.prefix:<12}  {k.role:<8}  {state:<7}  {k.created_at.strftime('%Y-%m-%d %H:%M:%S'):<19}  {k.name}")
+        print(f"{k.id:>4}  {k.prefix:<12}  {k.role:<8}  {state:<7}  {k.created_at.strftime('%Y-%m-%d %H:%M:%S'):<19}  {k.name}"
+              + (f"  (device {k.device_id!r})" if k.device_id else ""))
     return 0
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Integer, LargeBinary,
-                        MetaData, String, false)
+from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer,
+                        LargeBinary, MetaData, String, false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -29,6 +29,9 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 hex of the key
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # bound to one device: /verify with this key only for this device_id, and no other key may
+    # use it (migration 0006)
+    device_id: Mapped[str | None] = mapped_column(String(128), index=True)
 
 
 # JSON columns store SQL NULL (not JSON 'null') for None
@@ -39,6 +42,8 @@ class AuditRecord(Base):
     """One /verify call. Rows are append-only and hash-chained (service/records/audit.py): every column
     except the image-retention ones is covered by record_hash."""
     __tablename__ = "audit_records"
+    # replays: is this live photo's SHA-256 among the records of the last window? (migration 0006)
+    __table_args__ = (Index("ix_audit_records_live_sha256_created_at", "live_sha256", "created_at"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)   # = the answer's request_id
     seq: Mapped[int] = mapped_column(BigInteger, unique=True)        # chain position, 1, 2, ...
@@ -64,6 +69,7 @@ class AuditRecord(Base):
     live_box: Mapped[list | None] = mapped_column(Json)
     live_quality: Mapped[dict | None] = mapped_column(Json)
     live_sha256: Mapped[str | None] = mapped_column(String(64))
+    live_seen_before: Mapped[bool | None] = mapped_column(Boolean)   # decided on within the replay window
 
     error_code: Mapped[str | None] = mapped_column(String(64), index=True)
     error_field: Mapped[str | None] = mapped_column(String(64))

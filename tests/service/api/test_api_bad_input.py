@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
+from conftest import reencoded
 from service.records import audit
 from service.records.tables import AuditRecord
 
@@ -124,7 +125,7 @@ def test_bad_input_corpus(make_client, models, corpus, bundled_images, engine, r
 
     # still serving: a real verify succeeds after all that
     face = (bundled_images / "Tom_Hanks_54745.png").read_bytes()
-    r = client.post("/verify", headers=kiosk, files={"id_photo": ("a", face), "live_photo": ("b", face)})
+    r = client.post("/verify", headers=kiosk, files={"id_photo": ("a", face), "live_photo": ("b", reencoded(face))})
     assert r.status_code == 200, r.text
 
     # one audit record per authenticated call, rejected ones with their code; chain intact
@@ -221,7 +222,7 @@ def test_unexpected_failure_is_500_audited_and_logged(make_client, models, bundl
     monkeypatch.setattr(models.pipeline, "scores", broken)
     face = (bundled_images / "Tom_Hanks_54745.png").read_bytes()
     r = client.post("/verify", headers={"X-API-Key": role_keys["kiosk"]},
-                    files={"id_photo": ("a", face), "live_photo": ("b", face)})
+                    files={"id_photo": ("a", face), "live_photo": ("b", reencoded(face))})
     assert r.status_code == 500
     assert r.json()["error"]["code"] == "internal_error" and "exploded" not in r.text  # no internals leak
     assert "tower exploded" in caplog.text

@@ -37,6 +37,10 @@ def test_fused_verify_answers_and_audits_the_scores(make_client, fused, lfw_pair
     got = client.get(f"/audit/{body['request_id']}", headers={"X-API-Key": role_keys["operator"]}).json()
     assert got["scores"] == body["scores"] and got["scoring"] == "fused"
     assert audit.verify_chain(engine).ok
+    metrics = client.get("/metrics").text   # every family and the fusion: info and one score each
+    for family in ("towers", "sface", "fused"):
+        assert f'idverify_score_count{{family="{family}"}} 1.0' in metrics
+        assert f'idverify_model_info{{family="{family}",scoring="fused",' in metrics
     # the hash covers the scores
     with engine.begin() as conn:
         conn.execute(update(AuditRecord).where(AuditRecord.id == body["request_id"])

@@ -23,7 +23,7 @@ def test_invalid_utf8_in_form_fields_is_refused(make_client, role_keys, engine, 
         record = audit.get(engine, r.headers["X-Request-ID"])
         assert record.device_id is None and record.reference is None and record.error_code == "invalid_request"
     # valid UTF-8 still passes the reader (and fails later, on the photos)
-    r = client.post("/verify", files={"id_photo": ("a", b"xx"), "live_photo": ("b", b"xx")},
+    r = client.post("/verify", files={"id_photo": ("a", b"xx"), "live_photo": ("b", b"yy")},
                     data={"device_id": "kiosk-é"}, headers={"X-API-Key": role_keys["kiosk"]})
     assert r.json()["error"]["code"] == "unsupported_media_type"
     assert audit.get(engine, r.headers["X-Request-ID"]).device_id == "kiosk-é"

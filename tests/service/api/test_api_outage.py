@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
+from conftest import reencoded
 from service.app import create_app
 from service.records import audit, keys
 from service.records.engine import make_engine, migrate
@@ -19,8 +20,8 @@ from service.settings import Settings
 
 
 def _photos(bundled_images):
-    return {"id_photo": ("a.png", (bundled_images / "Tom_Hanks_54745.png").read_bytes(), "image/png"),
-            "live_photo": ("b.png", (bundled_images / "Tom_Hanks_54745.png").read_bytes(), "image/png")}
+    photo = (bundled_images / "Tom_Hanks_54745.png").read_bytes()
+    return {"id_photo": ("a.png", photo, "image/png"), "live_photo": ("b.jpg", reencoded(photo), "image/jpeg")}
 
 
 def _answer(r) -> tuple[str, str]:

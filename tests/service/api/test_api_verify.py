@@ -11,11 +11,12 @@ import threading
 import httpx
 from sqlalchemy import select
 
+from conftest import reencoded
 from service.records import audit, keys
 from service.records.tables import AuditRecord
 
 ANSWER_KEYS = {"request_id", "decision", "score", "threshold", "far_target", "scores", "scoring", "rule", "model_version",
-               "faces", "timings_ms"}
+               "faces", "timings_ms", "live_photo_seen_before"}
 STAGES = ("decode", "detect", "align", "embed")
 FACE_KEYS = {"box", "landmarks", "detection_score", "face_px", "faces_seen", "quality"}
 
@@ -143,7 +144,7 @@ def test_parallel_verifies_through_uvicorn(models, bundled_images, db_url, engin
     def call(i: int) -> None:
         with httpx.Client(base_url=base, timeout=120) as http:
             answers[i] = http.post("/verify", headers={"X-API-Key": role_keys["kiosk"]},
-                                   files={"id_photo": ("a.png", photo), "live_photo": ("b.png", photo)},
+                                   files={"id_photo": ("a.png", photo), "live_photo": ("b.jpg", reencoded(photo))},
                                    data={"reference": f"parallel-{i}"})
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]

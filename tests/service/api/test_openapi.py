@@ -63,7 +63,7 @@ def test_answers_and_errors_have_schemas(spec):
             expected = "#/components/schemas/ReadyAnswer" if path == "/readyz" else envelope
             assert ref == expected, (path, status)
     assert set(spec["paths"]["/verify"]["post"]["responses"]) == {
-        "200", "400", "401", "403", "413", "415", "422", "429", "500", "503"}
+        "200", "400", "401", "403", "409", "413", "415", "422", "429", "500", "503"}
     assert "404" in spec["paths"]["/audit/{record_id}"]["get"]["responses"]
     assert spec["components"]["schemas"]["ErrorAnswer"]["properties"]["error"]["$ref"].endswith("/ErrorDetail")
 

@@ -286,6 +286,18 @@ def test_csv_export_of_the_filtered_list(client, engine, role_keys):
     assert client.get("/console/export.csv", params={"min_score": "x"}).status_code == 400
 
 
+def test_csv_export_neutralises_full_width_formula_signs(client, engine, role_keys):
+    texts = ["\uff1dHYPERLINK(\"http://x\")", "\uff0b1+1", "\uff0d2", "\uff20SUM(A1)", "\ufe66cmd", "\ufe621"]
+    for i, text in enumerate(texts):
+        append_record(engine, decision="no_match", score=0.3, device_id=text, reference=f"ref {i}")
+    append_record(engine, decision="no_match", score=0.3, device_id="\uff2biosk 7", reference="=1")
+    sign_in(client, role_keys["operator"])
+    rows = {row["device_id"]: row for row in csv.DictReader(io.StringIO(client.get("/console/export.csv").text))}
+    for text in texts:
+        assert "'" + text in rows, (text, sorted(rows))
+    assert rows["\uff2biosk 7"]["reference"] == "'=1"   # a full-width letter is left alone
+
+
 # --- detail, chain, overview ------------------------------------------------------------------
 
 def test_record_detail_shows_every_field_and_its_chain_state(client, engine, role_keys):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import reencoded
 from console_support import NEEDS_CHROMIUM, headless_chromium, lfw_pairs, served_models, wait_for as _wait
 from service.records import keys, retention
 from service.app import create_app
@@ -38,14 +39,15 @@ def _photo_pairs(request) -> list[tuple[str, bytes, bytes]]:
     except pytest.skip.Exception:
         images = request.getfixturevalue("bundled_images")
         chip = (images / "Tom_Hanks_54745.png").read_bytes()
-        return [("bundled", chip, (images / n).read_bytes()) for n in ("Tom_Hanks_54745.png", "t1.jpg", "mask_white.jpg")]
+        return [("bundled", chip, reencoded(chip))] + [("bundled", chip, (images / n).read_bytes())
+                                                       for n in ("t1.jpg", "mask_white.jpg")]
 
 
-def _blank_jpeg() -> bytes:
+def _blank_jpeg(shade: int = 128) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (320, 240), (128, 140, 150)).save(buf, "JPEG")
+    Image.new("RGB", (320, 240), (shade, 140, 150)).save(buf, "JPEG")
     return buf.getvalue()
 
 
@@ -62,7 +64,7 @@ def console_site(request, tmp_path, live_server):
     base = live_server(app)
     import httpx
 
-    calls = _photo_pairs(request) + [("no face", _blank_jpeg(), _blank_jpeg())]
+    calls = _photo_pairs(request) + [("no face", _blank_jpeg(), _blank_jpeg(100))]
     with httpx.Client(base_url=base, timeout=120) as client:
         for i, (kind, id_photo, live_photo) in enumerate(calls):
             r = client.post("/verify", headers={"X-API-Key": kiosk},

@@ -23,6 +23,7 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
+from conftest import reencoded
 from console_support import append_record, lfw_pairs, served_models
 from service.records import audit, keys
 from service.app import create_app
@@ -48,7 +49,7 @@ def _photo_pairs(request) -> list[tuple[bytes, bytes]]:
     except pytest.skip.Exception:
         images = request.getfixturevalue("bundled_images")
         chip = (images / "Tom_Hanks_54745.png").read_bytes()
-        return [(chip, (images / name).read_bytes()) for name in ("mask_white.jpg", "mask_blue.jpg", "Tom_Hanks_54745.png")]
+        return [(chip, (images / name).read_bytes()) for name in ("mask_white.jpg", "mask_blue.jpg")] + [(chip, reencoded(chip))]
 
 
 def test_chain_verifies_after_200_concurrent_verify_calls_on_postgresql(request, pg_url, live_server, capsys):
