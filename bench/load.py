@@ -10,6 +10,11 @@ to 127.0.0.1.
 Pairs: the chip (models.eval.chipsim, 102x126 JPEG2000, from one LFW image as bench/latency.py
 makes it) with a live photo: `lfw` (the 250x250 LFW JPEG) or `frame` (640x480 JPEG).
 
+Reference (`--reference face_recognition`, the default when that library is importable;
+`--reference none` skips it): after the HTTP levels, the face_recognition library is timed in
+this process on the same chip and live bytes (bench/reference.py), and the table gives the
+ratio of its p50 to the 1-client /verify p50.
+
 Server settings come from the environment (IDV_*), e.g. `IDV_ONNX_THREADS=1 IDV_WORKERS=2`;
 `--env K=V` adds some for this run only. Peak RSS: VmHWM of every server process (the master
 and each uvicorn worker) at the end. "Server CPU ms / pair": user + system CPU time of the server
@@ -19,11 +24,13 @@ to compare thread settings by on a shared machine.
 
     .venv/bin/python bench/load.py [--db sqlite|postgresql] [--live lfw|frame] [--concurrency 1,2,4,8,16]
                                    [--seconds 15] [--env IDV_WORKERS=2] [--root DIR] [--write-docs LABEL]
+                                   [--reference face_recognition|none] [--reference-upsample 1,2]
 """
 from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import os
 import secrets
 import socket
@@ -41,6 +48,7 @@ for p in (str(ROOT), str(ROOT / "bench")):
         sys.path.insert(0, p)
 
 import numpy as np  # noqa: E402
+import reference  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 PG_DEFAULT = os.environ.get("IDV_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -61,8 +69,8 @@ def multipart(fields: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def make_pair(live: str) -> tuple[bytes, str, str]:
-    """(body, content type, description) of one /verify request."""
+def make_pair(live: str) -> tuple[bytes, str, str, bytes, bytes]:
+    """(body, content type, description, chip bytes, live bytes) of one /verify request."""
     from latency import make_inputs, source_face
 
     from service.settings import Settings
@@ -74,7 +82,7 @@ def make_pair(live: str) -> tuple[bytes, str, str]:
     inputs = make_inputs(None, img, data, is_lfw=True)
     chip, live_bytes = inputs["chip"][0], inputs[live][0]
     body, ctype = multipart({"id_photo": ("chip.jp2", chip), "live_photo": (f"{live}.jpg", live_bytes)})
-    return body, ctype, f"chip {inputs['chip'][2]} + {inputs[live][2]} ({desc})"
+    return body, ctype, f"chip {inputs['chip'][2]} + {inputs[live][2]} ({desc})", chip, live_bytes
 
 
 class Server:
@@ -86,6 +94,7 @@ class Server:
         self.port = free_port()
         self.key = secrets.token_hex(24)
         self.pg_admin, self.pg_name = None, None
+        self.model_version = "unknown"
         if db == "sqlite":
             url = f"sqlite:///{self.tmp.name}/audit.db"
         else:
@@ -114,10 +123,14 @@ class Server:
             try:
                 c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
                 c.request("GET", "/readyz")
-                if c.getresponse().status == 200:
+                resp = c.getresponse()
+                if resp.status == 200:
+                    self.model_version = str(json.loads(resp.read()).get("model_version") or "unknown")
                     return
             except OSError:
                 pass
+            except (ValueError, AttributeError):   # an older checkout's /readyz (--root): no version
+                return
             time.sleep(0.3)
         raise SystemExit(f"server not ready after {timeout:.0f} s:\n{self.log_text()}")
 
@@ -182,8 +195,6 @@ def run_level(server: "Server", body: bytes, ctype: str, clients: int, seconds: 
     server_ms: list[list[float]] = [[] for _ in range(clients)]
 
     def client(i: int) -> None:
-        import json
-
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         while True:
             t0 = time.monotonic()
@@ -256,11 +267,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, default=ROOT,
                     help="serve the code of another checkout (e.g. `git archive <rev>` unpacked: before/after)")
     ap.add_argument("--write-docs", metavar="LABEL", default=None, help=f"put the table in {DOC.name} under LABEL")
+    ap.add_argument("--reference", choices=(reference.NAME, "none"),
+                    default=reference.NAME if reference.available() else "none",
+                    help="time this library on the same pair after the HTTP levels (default: when importable)")
+    ap.add_argument("--reference-runs", type=int, default=20, help="timed reference pairs (after the warm-up)")
+    ap.add_argument("--reference-warmup", type=int, default=2, help="untimed reference pairs first")
+    ap.add_argument("--reference-upsample", default="1",
+                    help="HOG upsample counts to time; 1 is the library default and the ratio's reference, "
+                         "others are reported as labelled variants (e.g. 1,2)")
     args = ap.parse_args(argv)
+    if args.reference != "none" and not reference.available():
+        raise SystemExit(f"--reference {args.reference}: not importable here (see the Makefile's test setup)")
+    upsamples = [1, *(u for u in dict.fromkeys(int(x) for x in args.reference_upsample.split(",")) if u != 1)]
     env = dict(kv.split("=", 1) for kv in args.env)
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    body, ctype, desc = make_pair(args.live)
+    body, ctype, desc, chip, live_bytes = make_pair(args.live)
     before = load_avg()
     server = Server(args.db, env, args.pg, args.root)
     try:
@@ -275,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.close()
     after = load_avg()
+    ours = next((r for r in rows if r["clients"] == 1), None)
+    refs = []
+    if args.reference != "none":   # after the server is gone: nothing else of this run competes
+        for u in upsamples:
+            refs.append(reference.time_pairs(chip, live_bytes, args.reference_runs, args.reference_warmup, u))
+        print("\n" + reference.table(refs, ours), flush=True)
     settings_env = {k: v for k, v in {**os.environ, **env}.items() if k.startswith("IDV_") and k not in
                     ("IDV_DATABASE_URL", "IDV_BOOTSTRAP_ADMIN_KEY", "IDV_HOST", "IDV_PORT")}
     cmd = " ".join([*(f"{k}={v}" for k, v in sorted(settings_env.items())), "python", "bench/load.py",
@@ -289,10 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         f"commit {git_commit() if args.root == ROOT else f'of {args.root}'}; database {args.db}; "
         f"client threads in the same machine (loopback)",
         "",
-        f"Pair: {desc}; peak RSS per server process (VmHWM; master first, then workers): {rss_txt}",
+        f"Pair: {desc}; served model {server.model_version}; "
+        f"peak RSS per server process (VmHWM; master first, then workers): {rss_txt}",
         "",
         table(rows),
     ])
+    if refs:
+        block += "\n\n" + reference.describe(args.reference_runs, args.reference_warmup) + "\n\n" + \
+            reference.table(refs, ours)
     print("\n" + block)
     if args.write_docs:
         write_docs(args.write_docs, block)
