@@ -145,13 +145,12 @@ def run_distill(args: argparse.Namespace) -> int:
 def _pack(args, family, settings) -> int:
     from models.train import distill_store as S
     from models.train.data import reserved_identities
-    from models.train.distill_data import write_pack
     reserved = reserved_identities(Path(settings.data_dir))
     parts = []
     for split in ("train", "val"):
         st = S.load_store(Path(args.store), split, reserved)
         parts.append((st, S.teacher_views(st, family, settings)))
-    info = write_pack(Path(args.pack), family.name, parts[0], parts[1], args.pack_images, args.pack_chips,
+    info = S.write_pack(Path(args.pack), family.name, parts[0], parts[1], args.pack_images, args.pack_chips,
                       pixels=args.pack_pixels)
     print(json.dumps(info, indent=1))
     return 0

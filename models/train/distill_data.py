@@ -1,7 +1,7 @@
 """What the distillation loop reads: the bank of teacher embeddings, the chips, and their batches.
 
 Import-light on purpose (numpy, torch, cv2, PIL; no service settings, detector or data folder):
-a pack (`write_pack`, one .npz) trains on an accelerator machine that has only those.
+a pack (`distill_store.write_pack`, one .npz) trains on an accelerator machine that has only those.
 
 Spaces. A teacher view v is the unit embedding of the pretrained network (one view; the store
 keeps each live crop and its mirror). mu is the mean of the bank's views. The served towers
@@ -107,46 +107,6 @@ def from_store(store: dict, teacher: dict) -> tuple[Bank, ChipSet]:
 # ----------------------------------------------------------------------------- pack
 
 
-def _chip_files(store: dict, idx: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray]:
-    from models.train.distill_store import chip_file
-    files = [chip_file(store, int(i), j) for i in idx for j in range(cols)]
-    return np.frombuffer(b"".join(files), np.uint8), np.array([len(f) for f in files], np.int32).reshape(len(idx), cols)
-
-
-def write_pack(path: Path, family: str, train: tuple[dict, dict], val: tuple[dict, dict], n_images: int,
-               k_chips: int, seed: int = 0, pixels: bool = False) -> dict:
-    """One .npz to train elsewhere: the whole bank (teacher views fp16, identities), `n_images`
-    training images (seeded) with their first `k_chips` chips, all fold-8 validation chips, and
-    the fold-8 teacher views. Chips travel as their ~1 KB files (decoded on load, as the store
-    decoded them) or, with `pixels`, as decoded uint8. Returns the sizes."""
-    bank, chips = from_store(*train)
-    vbank, _ = from_store(*val)
-    usable = chips.usable(bank.ok)
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(usable, size=min(n_images, len(usable)), replace=False))
-    k = min(k_chips, len(chips.variants))
-    st, vst = train[0], val[0]
-    arrays = {"family": np.array(family), "variants": np.array(chips.variants[:k]),
-              "val_variants": np.array([str(v) for v in vst["variants"]]),
-              "bank_views": bank.views.astype(np.float16), "bank_ok": bank.ok, "bank_ident": bank.ident,
-              "bank_utk": bank.utk, "bank_key": bank.keys, "rows": pick, "chip_ok": st["chip_ok"][pick, :k],
-              "chip_lm": st["chip_lm"][pick, :k], **{f"label_{a}": st[a][pick] for a in ("gender", "age", "race")},
-              "val_views": vbank.views.astype(np.float16), "val_ok": vbank.ok, "val_ident": vbank.ident,
-              "val_key": vbank.keys, "val_chip_ok": vst["chip_ok"], "val_chip_lm": vst["chip_lm"]}
-    if pixels:
-        arrays["chips"] = np.asarray(st["chips"][pick, :k])
-    else:
-        arrays["chip_data"], arrays["chip_len"] = _chip_files(st, pick, k)
-    arrays["val_chip_data"], arrays["val_chip_len"] = _chip_files(vst, np.arange(len(vst["key"])), len(vst["variants"]))
-    path = Path(path)
-    np.savez_compressed(path, **arrays)
-    chip_bytes = int(arrays["chips"].nbytes if pixels else arrays["chip_data"].nbytes)
-    return {"path": str(path), "bytes": path.stat().st_size, "images": int(len(pick)), "chips_per_image": k,
-            "chip_bytes_per_image": round(chip_bytes / max(len(pick), 1)),
-            "bank_bytes_per_image": int(arrays["bank_views"][0].nbytes + 16),
-            "fixed_bytes": int(sum(v.nbytes for n, v in arrays.items() if n.startswith("val_")))}
-
-
 def _decode(data: np.ndarray, lengths: np.ndarray, ok: np.ndarray) -> np.ndarray:
     """The chip files decoded (Pillow, as the store decoded them); zeros where no face was found."""
     from PIL import Image
@@ -160,7 +120,7 @@ def _decode(data: np.ndarray, lengths: np.ndarray, ok: np.ndarray) -> np.ndarray
 
 
 def load_pack(path: Path) -> tuple[Bank, ChipSet, Bank, ChipSet, dict]:
-    """(bank, training chips, fold-8 bank, fold-8 chips, info) from `write_pack`'s file."""
+    """(bank, training chips, fold-8 bank, fold-8 chips, info) from `distill_store.write_pack`'s file."""
     z = dict(np.load(path))
     bank = Bank(z["bank_views"].astype(np.float32), z["bank_ok"], z["bank_ident"], z["bank_utk"], z["bank_key"])
     chips_px = z["chips"] if "chips" in z else _decode(z["chip_data"], z["chip_len"], z["chip_ok"])

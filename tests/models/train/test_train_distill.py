@@ -244,7 +244,7 @@ def test_pack_carries_the_bank_and_chips_and_trains(store, tmp_path):
     for split in ("train", "val"):
         st = S.load_store(store, split, reserved)
         parts.append((st, S.teacher_views(st, get("dlib"), SETTINGS)))
-    info = DD.write_pack(tmp_path / "p.npz", "dlib", parts[0], parts[1], n_images=6, k_chips=2)
+    info = S.write_pack(tmp_path / "p.npz", "dlib", parts[0], parts[1], n_images=6, k_chips=2)
     assert info["images"] == 6 and 1300 < info["chip_bytes_per_image"] < 3300 and info["bytes"] < 200_000
     bank, chips, vbank, vchips, meta = DD.load_pack(tmp_path / "p.npz")
     st = parts[0][0]
