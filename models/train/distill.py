@@ -168,7 +168,7 @@ def train(cfg: dict, run: Path, family: Family, data: tuple[Bank, ChipSet, Bank,
         if heads is not None:
             heads.load_state_dict(c["heads"])
         opt.load_state_dict(c["opt"])
-        torch.set_rng_state(c["torch_rng"])
+        torch.set_rng_state(c["torch_rng"].cpu())
         state = c["state"]
         record({"event": "resume", "step": state["step"]})
         log(f"[distill] resumed {run} at step {state['step']}/{total}")

@@ -112,6 +112,8 @@ def run_distill(args: argparse.Namespace) -> int:
             {"store": str(Path(args.store).resolve()), "chips": args.chips}
         cfg["command"] = "idverify distill " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["distill"] else sys.argv[1:])
     cfg["device_name"] = str(distill.pick_device(cfg["device"]))
+    import torch
+    torch.set_num_threads(cfg["threads"])      # the teacher targets too (on CPU)
     try:
         settings = None if "pack" in cfg["data"] else _settings(args)
         if args.pack or args.build_only:

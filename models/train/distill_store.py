@@ -167,14 +167,10 @@ def _merge(out: Path, items: list[Item], variants: list[str]) -> None:
 
 def load_store(root: Path, split: str, reserved: set[str]) -> dict:
     """Memory-mapped chips + metadata; every key re-checked against the reserved identities."""
-    d = Path(root) / split
-    with np.load(d / "meta.npz") as z:
-        out = {k: z[k] for k in z.files}
-    assert_no_reserved([str(k) for k in out["key"]], reserved)
-    out["chips"] = np.load(d / "chips.npy", mmap_mode="r")
-    out["chipdata"] = np.load(d / "chipdata.npy", mmap_mode="r")
+    from models.train.crops import load
+    out = load(root, split, reserved, arrays=("chips", "chipdata"))
     out["chip_off"] = np.concatenate([[0], np.cumsum(out["chip_len"].ravel())[:-1]]).reshape(out["chip_len"].shape)
-    out["dir"] = d
+    out["dir"] = Path(root) / split
     return out
 
 
