@@ -138,6 +138,8 @@ def run_distill(args: argparse.Namespace) -> int:
     if args.export:
         from models.train.distill_export import export
         man = export(run, args.export, family)
+        if man["training"]["step"] == 0:
+            distill.log("[distill] the best fold-8 evaluation is step 0: the exported id tower is the pretrained network")
         distill.log(f"[distill] exported {family.base[0]}/{args.export}: id {man['towers']['id']['sha256'][:12]}, "
                     f"live {man['towers']['live']['sha256'][:12]}; calibrate with python -m models.build.calibrate "
                     f"--version {args.export} --folds 8")

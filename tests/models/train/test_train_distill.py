@@ -211,6 +211,23 @@ def test_every_layer_trains_with_steps_that_shrink_towards_the_stem(store, tmp_p
 
 
 @needs_data
+def test_the_loop_stops_on_the_stop_rule_and_logs_why(store, tmp_path, monkeypatch):
+    from models.train import distill
+    seq = iter([(0.60, 0.31), (0.63, 0.31), (0.66, 0.312), (0.70, 0.33), (0.72, 0.34)])
+
+    def fake_validate(*_a, **_k):
+        t2, t3 = next(seq)
+        return {"rgb": {"tar": {"1e-02": t2, "1e-03": t3}, "far_1e-03_cos": 0.4, "own_cos": 0.6}}
+    monkeypatch.setattr(distill, "validate", fake_validate)
+    state = _train(store, tmp_path / "s", steps_per_epoch=4, eval_every=1, stop_m=2)
+    assert state["step"] == 2 and state["stopped"]["step"] == 2 and "TAR@1e-2 rose" in state["stopped"]["reason"]
+    stops = [json.loads(x) for x in (tmp_path / "s" / "log.jsonl").read_text().splitlines() if '"stop"' in x]
+    assert len(stops) == 1 and stops[0]["reason"] == state["stopped"]["reason"]
+    # resuming a stopped run trains no further
+    assert _train(store, tmp_path / "s", steps_per_epoch=4, eval_every=1, stop_m=2, resume=True)["step"] == 2
+
+
+@needs_data
 def test_early_freeze_keeps_the_early_stages(store, tmp_path):
     from models.train.distill_family import get
     pre = dict(get("dlib").build().named_parameters())
