@@ -59,9 +59,17 @@ Compression
     lands as close as possible to ``TARGET_BYTES`` = 1000 bytes, always within +-15 %
     (``TARGET_TOLERANCE``); the raw 102x126x3 image is 38,556 bytes, so the ratio is ~38-40:1.
 
+Other ~1 KB coders (``jpeg``, ``webp``): the same drawn chip, stored as baseline JPEG (Pillow,
+optimised Huffman tables) or lossy WebP, with the integer quality searched (bisection, at most
+``QUALITY_MAX_TRIES`` encodes) for the file closest to the byte target. Training mixes ``jpeg``
+in so that a chip-adapted tower does not fit one codec; ``webp`` is kept out of training and
+serves as a held-out coder for evaluation (`idverify eval --chip-encoding webp`).
+``target_bytes`` (default 1000) can be passed to `simulate_chip` / `simulate_chip_ex`.
+
 Versioning: ``CHIPSIM_VERSION`` changes whenever any of the above changes, and evaluation
 reports record it, so that numbers are only compared on the same chip population.
-(chipsim-1 = encoding ``rgb``, chipsim-2 = encoding ``ycc``.)
+(chipsim-1 = encoding ``rgb``, chipsim-2 = encoding ``ycc``, chipsim-3 = ``jpeg``,
+chipsim-4 = ``webp``.)
 """
 from __future__ import annotations
 
@@ -74,7 +82,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-ENCODINGS = {"rgb": ("chipsim-1", 0), "ycc": ("chipsim-2", 1)}  # name -> (version, Pillow mct)
+# name -> (version, Pillow mct for JPEG2000; None: another coder, QUALITY_CODECS names its format)
+ENCODINGS = {"rgb": ("chipsim-1", 0), "ycc": ("chipsim-2", 1), "jpeg": ("chipsim-3", None), "webp": ("chipsim-4", None)}
+QUALITY_CODECS = {"jpeg": ("JPEG", {"optimize": True}), "webp": ("WEBP", {"method": 6})}
+QUALITY_MAX_TRIES = 8
 DEFAULT_ENCODING = "rgb"
 CHIPSIM_VERSION = ENCODINGS[DEFAULT_ENCODING][0]
 
@@ -229,16 +240,52 @@ def encode_j2k(img: np.ndarray, target_bytes: int = TARGET_BYTES,
     return data, ratio
 
 
-def simulate_chip_ex(img_rgb: np.ndarray, landmarks=None, rng: np.random.Generator | None = None,
-                     target_bytes: int = TARGET_BYTES, encoding: str = DEFAULT_ENCODING) -> Chip:
-    """Full simulation; returns the chip bytes, the decoded chip and the drawn parameters."""
-    if rng is None:
-        rng = np.random.default_rng(0)
-    img = np.asarray(img_rgb)
-    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-        raise ValueError("simulate_chip expects an (H, W, 3) uint8 RGB image")
-    params: dict = {"version": ENCODINGS[encoding][0], "encoding": encoding, "landmarks": landmarks is not None}
+def encode_quality(img: np.ndarray, target_bytes: int = TARGET_BYTES, tolerance: float = TARGET_TOLERANCE,
+                   encoding: str = "jpeg", max_tries: int = QUALITY_MAX_TRIES) -> tuple[bytes, int]:
+    """`img` as a JPEG or WebP file (QUALITY_CODECS) whose size is closest to `target_bytes`:
+    bisection over the integer quality 1..95. Returns (data, quality). Raises ValueError if the
+    closest file is not within `tolerance`."""
+    fmt, options = QUALITY_CODECS[encoding]
+    pil = Image.fromarray(img)
 
+    def enc(q: int) -> bytes:
+        buf = io.BytesIO()
+        pil.save(buf, fmt, quality=q, **options)
+        return buf.getvalue()
+
+    lo, hi = 1, 95
+    best: tuple[int, bytes, int] | None = None
+    for _ in range(max_tries):
+        if lo > hi:
+            break
+        q = (lo + hi) // 2
+        data = enc(q)
+        if best is None or abs(len(data) - target_bytes) < best[0]:
+            best = (abs(len(data) - target_bytes), data, q)
+        if len(data) > target_bytes:
+            hi = q - 1
+        else:
+            lo = q + 1
+    assert best is not None
+    err, data, q = best
+    if err > tolerance * target_bytes:
+        raise ValueError(f"{fmt} size {len(data)} not within {tolerance:.0%} of {target_bytes}")
+    return data, q
+
+
+def encode_chip(img: np.ndarray, target_bytes: int = TARGET_BYTES,
+                encoding: str = DEFAULT_ENCODING) -> tuple[bytes, dict]:
+    """The chip's file in `encoding` (ENCODINGS) at about `target_bytes`; (data, encoder params)."""
+    if ENCODINGS[encoding][1] is None:
+        data, q = encode_quality(img, target_bytes, encoding=encoding)
+        return data, {"quality": q}
+    data, ratio = encode_j2k(img, target_bytes, encoding=encoding)
+    return data, {"j2k_ratio": ratio}
+
+
+def render_chip(img: np.ndarray, landmarks, rng: np.random.Generator, params: dict) -> np.ndarray:
+    """The chip before compression: (126, 102, 3) uint8 RGB after the crop, the photometric
+    drift, blur and noise (every random draw of a chip happens here; `params` records them)."""
     lowres = rng.random() < PARAMS["lowres_prob"]
     factor = rng.uniform(*PARAMS["lowres_factor"]) if lowres else 1.0
     params["capture_scale"] = factor
@@ -253,20 +300,34 @@ def simulate_chip_ex(img_rgb: np.ndarray, landmarks=None, rng: np.random.Generat
     noise = rng.uniform(*PARAMS["noise_sigma"])
     x = x * 255.0 + rng.normal(0.0, noise, size=x.shape).astype(np.float32)
     params.update(blur_sigma=sigma, noise_sigma=noise)
-    chip = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
-    data, ratio = encode_j2k(chip, target_bytes, encoding=encoding)
-    params.update(j2k_ratio=ratio, bytes=len(data))
+
+def simulate_chip_ex(img_rgb: np.ndarray, landmarks=None, rng: np.random.Generator | None = None,
+                     target_bytes: int = TARGET_BYTES, encoding: str = DEFAULT_ENCODING) -> Chip:
+    """Full simulation; returns the chip bytes, the decoded chip and the drawn parameters."""
+    if rng is None:
+        rng = np.random.default_rng(0)
+    img = np.asarray(img_rgb)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise ValueError("simulate_chip expects an (H, W, 3) uint8 RGB image")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown chip encoding {encoding!r}; one of {sorted(ENCODINGS)}")
+    params: dict = {"version": ENCODINGS[encoding][0], "encoding": encoding, "landmarks": landmarks is not None}
+    chip = render_chip(img, landmarks, rng, params)
+    data, coder = encode_chip(chip, target_bytes, encoding)
+    params.update(coder, bytes=len(data))
     decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     return Chip(data=data, image=decoded, params=params)
 
 
 def simulate_chip(img_rgb: np.ndarray, landmarks_or_none=None, rng: np.random.Generator | None = None,
-                  *, return_image: bool = False, encoding: str = DEFAULT_ENCODING):
-    """ID-chip photo (JPEG2000 bytes, ~1 KB, 102x126) from an RGB uint8 face image.
+                  *, return_image: bool = False, encoding: str = DEFAULT_ENCODING,
+                  target_bytes: int = TARGET_BYTES):
+    """ID-chip photo (JPEG2000 bytes by default, ~`target_bytes`, 102x126) from an RGB uint8 face image.
 
     `landmarks_or_none`: (5,2) [left eye, right eye, nose, mouth left, mouth right] in image
     pixels, or None for an LFW-framed (deep-funneled 250x250) image. `rng`: use
     `chip_rng(relative_path, seed)`. With `return_image=True` returns (bytes, decoded RGB)."""
-    chip = simulate_chip_ex(img_rgb, landmarks_or_none, rng, encoding=encoding)
+    chip = simulate_chip_ex(img_rgb, landmarks_or_none, rng, target_bytes=target_bytes, encoding=encoding)
     return (chip.data, chip.image) if return_image else chip.data

@@ -28,8 +28,9 @@ def register(sub) -> None:
                         "or only the mismatched pairs of pairs.txt")
     p.add_argument("--seed", type=int, default=0, help="global seed of the chip simulator")
     p.add_argument("--chip-landmarks", choices=("fixed", "detect"), default="fixed")
-    p.add_argument("--chip-encoding", choices=("rgb", "ycc"), default="rgb",
-                   help="JPEG2000 colour handling of simulated chips: rgb (harsher, default) or ycc (see models/eval/chipsim.py)")
+    p.add_argument("--chip-encoding", choices=("rgb", "ycc", "jpeg", "webp"), default="rgb",
+                   help="coder of simulated chips: JPEG2000 rgb (harsher, default) or ycc; jpeg or webp at the same "
+                        "~1 KB (webp is never used in training: the held-out coder; see models/eval/chipsim.py)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--write-docs", action="store_true",
@@ -49,7 +50,7 @@ def run_cli(args) -> int:
     data_dir = Path(args.data_dir) if args.data_dir else Path(settings.data_dir)
     folds = parse_folds(args.folds or DEFAULT_FOLDS[args.protocol])
     fold_tag = "-".join(map(str, folds)) if len(folds) < 10 else "1-10"
-    tag = f"{args.protocol}-folds{fold_tag}" + ("-ycc" if args.protocol == "lfw-ivs" and args.chip_encoding == "ycc" else "")
+    tag = f"{args.protocol}-folds{fold_tag}" + (f"-{args.chip_encoding}" if args.protocol == "lfw-ivs" and args.chip_encoding != "rgb" else "")
     out = Path(args.out) if args.out else ROOT / "reports" / tag
     if not (data_dir / "lfw" / "pairs.txt").exists():
         print(f"error: {data_dir / 'lfw' / 'pairs.txt'} not found (set --data-dir or IDV_DATA_DIR)", file=sys.stderr)

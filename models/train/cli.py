@@ -1,4 +1,5 @@
-"""`idverify train` and `idverify adapt`. Torch is imported only inside the run functions."""
+"""`idverify train`, `idverify adapt` and `idverify distill` (models/train/distill_cli.py). Torch is
+imported only inside the run functions."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,9 @@ def register(sub) -> None:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--export", default=None, metavar="VERSION", help="export the adapted towers as this version")
     a.set_defaults(func=run_adapt)
+
+    from models.train import distill_cli  # `idverify distill FAMILY`: the chip-adapted id tower
+    distill_cli.register(sub)
 
 
 def _data_dir(arg) -> Path:

@@ -158,14 +158,15 @@ def build(split: str, settings, root: Path, workers: int = 1) -> Path:
     return out
 
 
-def load(root: Path, split: str, reserved: set[str]) -> dict:
-    """Memory-mapped crops + metadata; every key re-checked against the reserved identities."""
+def load(root: Path, split: str, reserved: set[str], arrays=("live", "chips")) -> dict:
+    """Memory-mapped crops (`arrays`: the .npy files beside meta.npz) + metadata; every key
+    re-checked against the reserved identities. The distillation chip store loads through it too."""
     d = Path(root) / split
     with np.load(d / "meta.npz") as z:
         meta = {k: z[k] for k in z.files}
     assert_no_reserved([str(k) for k in meta["key"]], reserved)
-    meta["live"] = np.load(d / "live.npy", mmap_mode="r")
-    meta["chips"] = np.load(d / "chips.npy", mmap_mode="r")
+    for name in arrays:
+        meta[name] = np.load(d / f"{name}.npy", mmap_mode="r")
     return meta
 
 

@@ -57,11 +57,11 @@ def tower_module(model, side: str, mask: np.ndarray | None = None) -> nn.Module:
     return Masked(net, mask).eval() if mask is not None else net
 
 
-def write_onnx(module: nn.Module, path: Path) -> float:
+def write_onnx(module: nn.Module, path: Path, size: int = 150, dim: int = 128) -> float:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         t = Path(tmp) / path.name
-        export_onnx(module, t)
-        diff = check_onnx(module, t)
+        export_onnx(module, t, size=size)
+        diff = check_onnx(module, t, size=size, dim=dim)
         os.replace(t, path)
     return diff
 

@@ -108,6 +108,34 @@ def test_encode_j2k_hits_other_targets():
         assert abs(len(data) - target) <= 0.15 * target
 
 
+@pytest.mark.parametrize("encoding,magic", [("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")])
+def test_other_coders_store_the_same_drawn_chip_at_the_byte_target(encoding, magic):
+    """jpeg / webp: the same drawn chip as rgb (same random draws, same decoded size), another
+    file format, within the size window of the byte target passed in; rgb/ycc stay chipsim-1/2."""
+    img = _synthetic_face()
+    rgb = chipsim.simulate_chip_ex(img, None, chipsim.chip_rng("k", 4))
+    for target in (800, 1000, 1400):
+        other = chipsim.simulate_chip_ex(img, None, chipsim.chip_rng("k", 4), target_bytes=target, encoding=encoding)
+        assert other.data[:len(magic)] == magic and abs(len(other.data) - target) <= 0.15 * target
+        assert other.image.shape == rgb.image.shape == (126, 102, 3)
+        assert other.params["scale_jitter"] == rgb.params["scale_jitter"] and "quality" in other.params
+        # the decoded chips are close (same picture) but not equal (another coder)
+        assert 0 < np.abs(other.image.astype(int) - rgb.image.astype(int)).mean() < 20
+    assert other.params["version"] == chipsim.ENCODINGS[encoding][0] not in ("chipsim-1", "chipsim-2")
+    assert chipsim.ENCODINGS["rgb"][0] == "chipsim-1" and chipsim.ENCODINGS["ycc"][0] == "chipsim-2"
+
+
+def test_simulate_chip_takes_a_byte_target():
+    img = _synthetic_face()
+    small = chipsim.simulate_chip(img, None, chipsim.chip_rng("k", 2), target_bytes=800)
+    large = chipsim.simulate_chip(img, None, chipsim.chip_rng("k", 2), target_bytes=1400)
+    assert abs(len(small) - 800) <= 120 and abs(len(large) - 1400) <= 210
+    assert chipsim.simulate_chip(img, None, chipsim.chip_rng("k", 2)) == \
+        chipsim.simulate_chip(img, None, chipsim.chip_rng("k", 2), target_bytes=chipsim.TARGET_BYTES)
+    with pytest.raises(ValueError):
+        chipsim.simulate_chip(img, None, chipsim.chip_rng("k", 2), encoding="gif")
+
+
 def _lfw_dir() -> Path:
     from service.settings import get_settings
     return Path(get_settings().data_dir) / "lfw" / "images"
