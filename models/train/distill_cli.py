@@ -47,6 +47,8 @@ def register(sub) -> None:
     p.add_argument("--store", default=str(DEFAULT_STORE), help="chip store (built when missing)")
     p.add_argument("--workers", type=int, default=2, help="processes building the store")
     p.add_argument("--chips", type=int, default=8, help="training chips per image when the store is built")
+    p.add_argument("--store-images", type=int, default=0,
+                   help="build the training store over this many training images (seeded subset; 0: all)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--build-only", action="store_true", help="build the store and the teacher targets, then stop")
     p.add_argument("--pack", default=None, metavar="FILE", help="write a pack (one .npz) instead of training")
@@ -84,7 +86,8 @@ def load_data(cfg: dict, family, settings=None, workers: int = 2):
     from models.train.data import reserved_identities
     reserved = reserved_identities(Path(settings.data_dir))
     root = Path(src["store"])
-    S.build_store("train", settings, root, workers, variants=S.train_variants(src.get("chips", 8)))
+    S.build_store("train", settings, root, workers, items=S.subset("train", settings, src.get("images", 0)),
+                  variants=S.train_variants(src.get("chips", 8)))
     S.build_store("val", settings, root, workers)
     out = []
     for split in ("train", "val"):
@@ -109,7 +112,7 @@ def run_distill(args: argparse.Namespace) -> int:
             raise SystemExit(f"{run} holds a run: --resume {run} continues it")
         cfg = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in DEFAULTS.items()}
         cfg["data"] = {"pack": str(Path(args.from_pack).resolve())} if args.from_pack else \
-            {"store": str(Path(args.store).resolve()), "chips": args.chips}
+            {"store": str(Path(args.store).resolve()), "chips": args.chips, "images": args.store_images}
         cfg["command"] = "idverify distill " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["distill"] else sys.argv[1:])
     cfg["device_name"] = str(distill.pick_device(cfg["device"]))
     import torch
@@ -117,8 +120,8 @@ def run_distill(args: argparse.Namespace) -> int:
     try:
         settings = None if "pack" in cfg["data"] else _settings(args)
         if args.pack or args.build_only:
-            data = load_data({**cfg, "data": {"store": str(Path(args.store).resolve()), "chips": args.chips}},
-                             family, settings, args.workers)
+            data = load_data({**cfg, "data": {"store": str(Path(args.store).resolve()), "chips": args.chips,
+                                              "images": args.store_images}}, family, settings, args.workers)
             if args.pack:
                 return _pack(args, family, settings)
             return 0

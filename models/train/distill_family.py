@@ -15,9 +15,8 @@ targets, the trainer and the export read only this interface:
 The trainer always runs the networks in eval mode (gradients still flow): a family with batch
 norm keeps its statistics frozen, so a chip-only batch never re-estimates them. dlib has none.
 
-Registered: `dlib` (models/build/dlib_resnet.py) and `sface`, which needs the SFace torch port
-(models/build/sface_torch.py: `from_onnx(path)` or `SFaceNet.from_onnx(path)`, a module with the
-tower contract); until that port is in the checkout, `idverify distill sface` says so and stops.
+Registered: `dlib` (models/build/dlib_resnet.py) and `sface` (models/build/sface_torch.py, the
+served sface:2 graph ported to torch with batch norm folded).
 """
 from __future__ import annotations
 
@@ -132,17 +131,27 @@ def _dlib() -> nn.Module:
     return DlibResNet.from_dat().eval()
 
 
+SFACE_BASE = ("sface", "2")
+# SFaceNet's stages (models/build/sface_torch.STAGES) on the trainer's: 112 px stem, then 56, 28,
+# 14 and 7 px blocks, then the 50,176 -> 128 linear head
+SFACE_STAGES = {"stem": "stem", "block1": "level4", "block2": "level3", "block3": "level2", "block4": "level1",
+                "head": "fc"}
+
+
 def _sface() -> nn.Module:
-    try:
-        from models.build import sface_torch
-    except ImportError as exc:
-        raise FamilyUnavailable("the SFace torch port (models/build/sface_torch.py) is not in this checkout; "
-                                "the sface family trains once it is") from exc
-    folder = REPOSITORY / "sface" / "1"
+    """The served SFace (sface:2) in torch, batch norm folded, behind the tower contract
+    (models/build/sface_torch.py: `SFaceTower`)."""
+    from models.build import sface_torch
+
+    folder = REPOSITORY.joinpath(*SFACE_BASE)
     path = folder / json.loads((folder / "manifest.json").read_text())["towers"]["live"]["file"]
-    make = getattr(sface_torch, "from_onnx", None) or sface_torch.SFaceNet.from_onnx
-    return make(path).eval()
+    return sface_torch.SFaceTower(sface_torch.from_onnx(path)).eval()
+
+
+def sface_stages(net: nn.Module) -> dict[str, str]:
+    """SFaceTower parameter names: net.body.<stage>.*"""
+    return {n: SFACE_STAGES[n.split(".")[2]] for n, _ in net.named_parameters()}
 
 
 register(Family("dlib", _dlib, ("towers", "baseline"), dlib_stages))
-register(Family("sface", _sface, ("sface", "1"), depth_stages))
+register(Family("sface", _sface, SFACE_BASE, sface_stages))

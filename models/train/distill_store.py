@@ -119,6 +119,16 @@ def _worker(job) -> None:
               f"chip ok {d['chip_ok'].mean():.3f}", file=sys.stderr, flush=True)
 
 
+def subset(split: str, settings, n: int, seed: int = 0) -> list[Item] | None:
+    """A seeded subset of `n` items of the split (in the split's order), or None (all) for n <= 0."""
+    from models.train.crops import split_items
+    if n <= 0:
+        return None
+    items = split_items(Path(settings.data_dir), split)
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), size=min(n, len(items)), replace=False))
+    return [items[i] for i in keep]
+
+
 def build_store(split: str, settings, root: Path, workers: int = 1, items: list[Item] | None = None,
                 variants: list[str] | None = None) -> Path:
     """Build (or resume) one split under root/split. `items` (tests: a handful) replaces the

@@ -360,15 +360,25 @@ def test_a_family_plugs_in_through_the_interface(store, tmp_path, monkeypatch):
     assert state["step"] == 2 and set(state["evals"][-1]) == {"rgb", "ycc", "webp"}
 
 
-def test_sface_family_says_what_it_needs():
-    import importlib.util
+def test_sface_family_is_the_served_sface_behind_the_tower_contract():
+    """The sface family builds sface:2 in torch: 0..255 NHWC in, the served embedding out (as
+    onnxruntime computes it), every parameter in a named stage of the step schedule."""
+    import torch
 
-    from models.train.distill_family import FamilyUnavailable, get
+    from models.train.distill_family import DEFAULT_MULT, get
+    from service.face.artifacts import load_towers
     fam = get("sface")
     assert fam.template()[1] == 112 and fam.dim() == 128
-    if importlib.util.find_spec("models.build.sface_torch") is None:
-        with pytest.raises(FamilyUnavailable, match="sface_torch"):
-            fam.build()
+    net = fam.build()
+    stages = fam.stages(net)
+    assert set(stages) == {n for n, _ in net.named_parameters()} and set(stages.values()) <= set(DEFAULT_MULT)
+    assert stages["net.body.head.fc.weight"] == "fc" and stages["net.body.stem.conv_1.conv.weight"] == "stem"
+    x = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3)).astype(np.float32)
+    with torch.no_grad():
+        got = net(torch.from_numpy(x)).numpy()
+    from models.train.distill_family import REPOSITORY
+    served = load_towers(REPOSITORY, *fam.base, ["CPUExecutionProvider"], 1).live._run(x)
+    np.testing.assert_allclose(got, served, atol=1e-4 * np.abs(served).max())
 
 
 def test_idverify_offers_one_distill_command_per_family():
