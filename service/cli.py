@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
             checked_settings()
         result = args.func(args)
+    except KeyboardInterrupt:   # Ctrl-C (uvicorn re-raises it after its graceful shutdown): no traceback
+        return 130
     except ValidationError as exc:
         if exc.title != "Settings":
             raise
