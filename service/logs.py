@@ -52,6 +52,7 @@ def logging_config(settings) -> dict:
         "root": {"handlers": ["stderr"], "level": "INFO"},
         "loggers": {
             ACCESS_LOGGER: {"level": "INFO"},
+            "alembic": {"level": "WARNING"},   # the start-up's schema check: no plugin chatter
             "uvicorn": {"handlers": [], "propagate": True, "level": "INFO"},
             "uvicorn.error": {"handlers": [], "propagate": True, "level": "INFO"},
             "uvicorn.access": {"handlers": [], "propagate": False, "level": "WARNING"},

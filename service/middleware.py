@@ -86,7 +86,10 @@ def error_body(code: str, message: str) -> bytes:
     return json.dumps(ApiError(code, message).to_dict()).encode()
 
 
-class CatchAll:
+class HttpOnly:
+    """An ASGI middleware whose `http(scope, receive, send)` sees HTTP requests only; lifespan
+    and other scopes pass straight through."""
+
     def __init__(self, app) -> None:
         self.app = app
 
@@ -94,6 +97,14 @@ class CatchAll:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.http(scope, receive, send)
+
+    async def http(self, scope, receive, send) -> None:
+        raise NotImplementedError
+
+
+class CatchAll(HttpOnly):
+    async def http(self, scope, receive, send) -> None:
         started = False
 
         async def tracking_send(message) -> None:
@@ -126,16 +137,10 @@ def _request_id(headers: list) -> str | None:
     return next((value.decode("latin-1") for name, value in headers if name.lower() == b"x-request-id"), None)
 
 
-class AccessLog:
+class AccessLog(HttpOnly):
     """Outermost: sees every answer, the 500s of CatchAll and the answers of every route included."""
 
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope, receive, send) -> None:
         started = time.perf_counter()
         answer: dict = {"status": 500, "request_id": None}
 
