@@ -130,7 +130,8 @@ class CatchAll(HttpOnly):
 
 def remember_caller(request, key) -> None:
     """The authenticated key (an ApiKey or a console Principal: `prefix`, `name`), for the access line."""
-    setattr(request.state, CALLER, {"key": key.prefix, "key_name": key.name})
+    setattr(request.state, CALLER, {"key": key.prefix, "key_name": key.name,
+                                    "key_id": getattr(key, "key_id", None) or getattr(key, "id", None)})
 
 
 def _request_id(headers: list) -> str | None:
@@ -174,6 +175,7 @@ class AccessLog(HttpOnly):
             "ms": round(ms, 1),
             "key": caller.get("key") or "-",
             "key_name": caller.get("key_name"),
+            "key_id": caller.get("key_id"),
             "client": client[0] if client else "-",
         }
         access_log.info("%s %s %s %.1fms request_id=%s key=%s client=%s", fields["method"], fields["path"],

@@ -9,10 +9,11 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "IDV_"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IDV_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -86,7 +87,6 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
 
 
-ENV_PREFIX = "IDV_"
 # never printed (`idverify config` masks them) nor logged
 SECRETS = ("bootstrap_admin_key", "key_pepper", "metrics_token", "image_key")
 
@@ -102,7 +102,7 @@ def describe_errors(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
         field = str(err["loc"][0]) if err.get("loc") else "?"
-        shown = "" if field in SECRETS or "input" not in err else f"={err['input']!r}"
+        shown = "" if field in SECRETS or "input" not in err else f"={err['input']!r:.80}"
         lines.append(f"{env_name(field)}{shown}: {err['msg'][:1].lower()}{err['msg'][1:]}")
     return lines
 

@@ -137,12 +137,14 @@ def test_500_mixed_requests_leave_500_access_lines(served, bundled_images):
     by_id = {a["request_id"]: a for a in access}
     assert len(by_id) == REQUESTS and all(rid for rid, *_ in answers)
     prefixes = {plaintext: key.prefix for key, plaintext in made.values()}
+    ids = {plaintext: key.id for key, plaintext in made.values()}
     for rid, status, method, path, key in answers:
         line = by_id[rid]   # each answer's X-Request-ID is on exactly one line
         assert (line["status"], line["method"], line["path"]) == (status, method, path)
         assert line["client"] == "127.0.0.1" and line["ms"] >= 0
         # the key once it is authenticated (a 405 is answered before: no key was looked at)
         assert line["key"] == (prefixes[key] if key and status not in (401, 405) else "-")
+        assert line["key_id"] == (ids[key] if key and status not in (401, 405) else None)
     statuses = sorted({a["status"] for a in access})
     assert statuses == [200, 303, 400, 401, 403, 404, 405], statuses
     assert sum(a["path"] == "/verify" and a["status"] == 200 for a in access) == 10

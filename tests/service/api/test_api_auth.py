@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 
 import pytest
 from sqlalchemy import func, select
@@ -56,10 +57,12 @@ def test_role_matrix(make_client, engine, role_keys):
     assert audit.verify_chain(engine).ok
 
 
-def test_admin_manages_keys(make_client, engine, admin_key):
+def test_admin_manages_keys(make_client, engine, admin_key, caplog):
     client = make_client()
     admin = {"X-API-Key": admin_key}
-    r = client.post("/admin/keys", json={"role": "kiosk", "name": "lobby kiosk"}, headers=admin)
+    admin_id = keys.lookup(engine, admin_key).id
+    with caplog.at_level(logging.INFO, logger="idverify.admin"):
+        r = client.post("/admin/keys", json={"role": "kiosk", "name": "lobby kiosk"}, headers=admin)
     assert r.status_code == 201, r.text
     created = r.json()
     assert {"id", "key", "role", "name"} <= set(created)
@@ -80,8 +83,13 @@ def test_admin_manages_keys(make_client, engine, admin_key):
     assert client.get("/audit", headers=kiosk).status_code == 403
     assert client.post("/verify", json={}, headers=kiosk).status_code == 400  # authorised
 
-    r = client.delete(f"/admin/keys/{created['id']}", headers=admin)
+    with caplog.at_level(logging.INFO, logger="idverify.admin"):
+        r = client.delete(f"/admin/keys/{created['id']}", headers=admin)
     assert r.status_code == 200 and r.json()["revoked_at"]
+    # key management leaves its own lines (never the plaintext)
+    assert f"admin: key {created['id']} (kiosk) created by key {admin_id}" in caplog.text
+    assert f"admin: key {created['id']} (kiosk) revoked by key {admin_id}" in caplog.text
+    assert plaintext not in caplog.text
     r = client.post("/verify", json={}, headers=kiosk)
     assert r.status_code == 401 and _error(r) == "unauthorized"
 
