@@ -23,7 +23,7 @@ from service.records import keys
 from service.records.engine import OUTAGE_ERRORS, make_engine, schema_is_current
 from service.errors import INVALID_REQUEST, MISSING_FIELD, ApiError, database_unavailable
 from service.metrics import Metrics, MetricsMiddleware
-from service.middleware import BodyDeadline, CatchAll, SecurityHeaders
+from service.middleware import AccessLog, BodyDeadline, CatchAll, SecurityHeaders
 from service.ratelimit import FailureThrottle, RateLimiter
 from service.settings import Settings, get_settings
 
@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
     app.add_middleware(CatchAll)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(AccessLog)   # outermost: one line per request, whatever answered it
     _error_handlers(app)
 
     from service.api import admin, audit, health, verify
@@ -151,25 +152,28 @@ def register(sub) -> None:
 def _cmd_serve(args) -> int:
     import uvicorn
 
-    from service.server import install_log_throttle, uvicorn_config
+    from service import config_check, logs
+    from service.server import uvicorn_config
 
-    settings = get_settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # before anything: a refused setting, an unusable database or model ends here, in one line each
+    settings = config_check.checked_settings(database=True)
+    logs.configure(settings)
+    threads.configure_process(settings)
+    models, problems = config_check.load_models(settings)
+    if problems:
+        config_check.refuse(problems)
     n = threads.workers(settings)   # several: each worker process builds its own app (and models)
     log.info("serving with %s", threads.describe(settings))
     host, port = args.host or settings.host, args.port or settings.port
+    common = dict(host=host, port=port, log_level="info", log_config=logs.logging_config(settings),
+                  timeout_graceful_shutdown=10)
     if n == 1:
-        config = uvicorn_config(create_app(settings), settings, host=host, port=port, log_level="info",
-                                timeout_graceful_shutdown=10)
-        install_log_throttle()   # uvicorn.Config has set up its loggers' handlers by now
-        logsafe.install()
-        uvicorn.Server(config).run()
+        models.warmup()
+        uvicorn.Server(uvicorn_config(create_app(settings, models=models), settings, **common)).run()
         return 0
+    del models   # checked; each worker loads its own
     from uvicorn.supervisors import Multiprocess
-    config = uvicorn_config("service.app:create_app", settings, factory=True, workers=n, host=host, port=port,
-                            log_level="info", timeout_graceful_shutdown=10)
-    install_log_throttle()
-    logsafe.install()
+    config = uvicorn_config("service.app:create_app", settings, factory=True, workers=n, **common)
     sockets = [config.bind_socket()]
     if "target" in inspect.signature(Multiprocess.__init__).parameters:   # uvicorn 0.30-0.36 at least
         Multiprocess(config, target=uvicorn.Server(config).run, sockets=sockets).run()

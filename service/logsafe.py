@@ -3,9 +3,9 @@ LF, BEL, ...) and other unprintable ones (bidi overrides) from request data are 
 escapes (`\\x1b`, `\\u202e`).
 
 - `printable(text)`: for the service's own log calls that carry request data (paths).
-- `EscapeControl`: a logging filter applying it to every record's message and arguments, put
-  on the server's log handlers by `idverify serve` (`install`), so that lines from uvicorn and
-  libraries get it too.
+- `EscapeControl`: a logging filter applying it to every record's message and arguments, on
+  the one log handler of `idverify serve` and its workers (service/logs.py), so that lines from
+  uvicorn and libraries get it too; `install` puts it on another process's handlers.
 """
 from __future__ import annotations
 

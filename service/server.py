@@ -10,8 +10,9 @@
   the process never runs out of descriptors (where /healthz stopped answering and asyncio logged
   every failed accept).
 - header size cap (`settings.max_header_bytes`, uvicorn's `h11_max_incomplete_event_size`).
-- rate-limited error logging (`LogThrottle`): the same message at most `burst` times per
-  `window` seconds, then one line saying how many were suppressed.
+- rate-limited error logging (`LogThrottle`): the same warning or error at most `burst` times
+  per `window` seconds, then one line saying how many were suppressed. Info lines (the access
+  log among them: service/logs.py) are never throttled.
 """
 from __future__ import annotations
 
@@ -117,18 +118,24 @@ def __getattr__(name: str):
 
 
 def uvicorn_config(app, settings, **kw):
+    """uvicorn's config for `idverify serve`; our access line replaces uvicorn's (service/logs.py)."""
     import uvicorn
 
     several = int(kw.get("workers") or 1) > 1
     http = "service.server:WorkerH11Protocol" if several else protocol_for(settings, raise_descriptor_limit())
+    kw.setdefault("access_log", False)
     return uvicorn.Config(
         app, http=http, timeout_keep_alive=settings.keep_alive_seconds,
         h11_max_incomplete_event_size=settings.max_header_bytes, backlog=1024, **kw)
 
 
 class LogThrottle(logging.Filter):
-    """At most `burst` records with the same logger and message template per `window` seconds;
-    the first record after a suppressed stretch says how many were dropped."""
+    """At most `burst` warnings or errors with the same logger, level and message template per
+    `window` seconds (a flood of one failure, e.g. asyncio's accept errors, whatever their
+    arguments); the first such record after a suppressed stretch says how many were dropped.
+    Records below WARNING always pass: each access line is a different event, not a repeat."""
+
+    level = logging.WARNING
 
     def __init__(self, burst: int = 10, window: float = 10.0, clock=time.monotonic):
         super().__init__()
@@ -137,6 +144,8 @@ class LogThrottle(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.level:
+            return True
         key = (record.name, record.levelno, str(record.msg))
         now = self.clock()
         with self._lock:
@@ -152,13 +161,7 @@ class LogThrottle(logging.Filter):
             if entry[1] > self.burst:
                 entry[2] += 1
                 return False
+            if entry[1] == self.burst:
+                record.msg = (f"{record.msg} [{self.burst} like this within {self.window:g} s: "
+                              "more are counted, not logged]")
         return True
-
-
-def install_log_throttle(burst: int = 10, window: float = 10.0) -> LogThrottle:
-    """On every handler of the root logger and uvicorn's (and so asyncio's accept errors)."""
-    throttle = LogThrottle(burst, window)
-    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(throttle)
-    return throttle

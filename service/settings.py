@@ -3,57 +3,59 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "IDV_"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IDV_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=1, le=65535)
     # SQLite under ./var/ is the embedded default; PostgreSQL in production.
     database_url: str = f"sqlite:///{ROOT / 'var' / 'idverify.db'}"
     bootstrap_admin_key: str | None = None   # at least 32 characters
     key_pepper: str | None = None   # server-side secret: API keys are stored as HMAC(pepper, SHA-256(key))
-    auth_failures_per_minute: int = 30   # wrong keys / sign-ins per client address and per key prefix, then 429
+    auth_failures_per_minute: int = Field(30, ge=0)  # wrong keys / sign-ins per client address and per key prefix, then 429
 
     models_dir: Path = ROOT / "models" / "repository"
-    detector: str = "yunet"         # yunet | mtcnn: the detector's model name in the repository (docs/benchmarks.md)
+    detector: Literal["yunet", "mtcnn"] = "yunet"  # yunet | mtcnn: the detector's model name in the repository (docs/benchmarks.md)
     detector_version: str = "1"     # version folder of models/repository/<detector>/ ("current" = its CURRENT file)
     towers: str = "towers"          # model name in the repository
     tower_version: str = "current"  # version folder, or "current" = the one named in models/repository/towers/CURRENT
-    onnx_threads: int = 0           # intra-op threads per session; 0 = 1 (service/threads.py)
+    onnx_threads: int = Field(0, ge=0)  # intra-op threads per session; 0 = 1 (service/threads.py)
     # thread and worker model (docs/benchmarks.md "Threads and workers"): 0 = sized from the cores
-    workers: int = 0                # uvicorn worker processes of `idverify serve` (0 = one per 2 cores)
-    cv2_threads: int = 1            # cv2.setNumThreads in the API process (1 = none; -1 = OpenCV's default)
-    threadpool_size: int = 0        # anyio worker threads running the pipeline (0 = anyio's default, 40)
+    workers: int = Field(0, ge=0)       # uvicorn worker processes of `idverify serve` (0 = one per 2 cores)
+    cv2_threads: int = Field(1, ge=-1)  # cv2.setNumThreads in the API process (1 = none; -1 = OpenCV's default)
+    threadpool_size: int = Field(0, ge=0)  # anyio worker threads running the pipeline (0 = anyio's default, 40)
     # tower calls: micro-batching of concurrent requests, and where the towers run
-    batch_wait_ms: float = 0.0      # 0 = off; else a tower call waits up to this for others to join
-    batch_max: int = 16             # rows per batched tower call
-    tower_backend: str = "onnxruntime"  # onnxruntime | triton (IDV_TRITON_URL, models idverify_id/idverify_live)
+    batch_wait_ms: float = Field(0.0, ge=0)  # 0 = off; else a tower call waits up to this for others to join
+    batch_max: int = Field(16, ge=1)    # rows per batched tower call
+    tower_backend: Literal["onnxruntime", "triton"] = "onnxruntime"  # onnxruntime | triton (IDV_TRITON_URL, models idverify_id/idverify_live)
     triton_url: str = "127.0.0.1:8001"  # gRPC host:port of a Triton server
-    scoring: str = "fused"          # fused | towers | sface: the fusion of both families (its members' versions), or one family alone
+    scoring: Literal["fused", "towers", "sface"] = "fused"  # the fusion of both families (at its members' versions), or one family alone
     sface_version: str = "2"        # version folder of models/repository/sface/ (scoring sface)
     fusion_version: str = "current" # version folder of models/repository/fusion/ (scoring fused; "current" = its CURRENT)
-    providers: str = "auto"         # auto | cpu | cuda
+    providers: Literal["auto", "cpu", "cuda"] = "auto"  # auto | cpu | cuda
 
     # decision: either a fixed score threshold, or a target FAR looked up in the calibration table
-    threshold: float | None = None
-    far_target: float = 1e-3
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    far_target: float = Field(1e-3, gt=0.0, le=1.0)
 
     # input limits, checked before full decoding
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 16_000_000      # live photo: a 12 MP phone frame fits, 4K video is 8.3 MP
-    max_id_image_pixels: int = 2_000_000    # ID-chip photo (ICAO chip images are about 0.3 MP)
-    decode_target_side: int = 1600  # JPEG / JPEG 2000 at least 2x larger are decoded at 1/2..1/8 scale, not below this
-    max_concurrent_decodes: int = 2 # decodes at once per process; others wait up to decode_wait_seconds, then 503
-    decode_wait_seconds: float = 10.0
-    max_request_bytes: int = 25 * 1024 * 1024
-    min_face_px: int = 32
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(16_000_000, ge=1)     # live photo: a 12 MP phone frame fits, 4K video is 8.3 MP
+    max_id_image_pixels: int = Field(2_000_000, ge=1)   # ID-chip photo (ICAO chip images are about 0.3 MP)
+    decode_target_side: int = Field(1600, ge=1) # JPEG / JPEG 2000 at least 2x larger are decoded at 1/2..1/8 scale, not below this
+    max_concurrent_decodes: int = Field(2, ge=1)# decodes at once per process; others wait up to decode_wait_seconds, then 503
+    decode_wait_seconds: float = Field(10.0, ge=0)
+    max_request_bytes: int = Field(25 * 1024 * 1024, ge=1)
+    min_face_px: int = Field(32, ge=1)
     # the id_photo's own quality rules. On simulated LFW chips (102x126, ~1 KB) the face is 48-69 px
     # wide and the sharpness 3.2-79 (median 7): the live photo's 64 px and 25 would flag nearly all
     chip_small_face_px: int = 40
@@ -61,23 +63,23 @@ class Settings(BaseSettings):
     detect_max_side: int = 800      # big frames are detected on a copy downscaled to this
     detect_min_side: int = 240      # small images (chip photos) are upsampled to this before detection
 
-    rate_limit_per_minute: int = 0  # per key, 0 = off
+    rate_limit_per_minute: int = Field(0, ge=0)  # per key, 0 = off
 
     # HTTP server limits (service/server.py, service/middleware.py); see docs/security.md
-    header_timeout_seconds: float = 10.0   # request line + headers must arrive within this, else the connection closes
-    body_timeout_seconds: float = 60.0     # the whole body within this of the request's start, else 408
-    keep_alive_seconds: int = 5            # idle keep-alive connections close after this
-    max_connections: int = 2048            # open connections; more are answered 503 and closed
-    max_header_bytes: int = 16384          # request line + headers
+    header_timeout_seconds: float = Field(10.0, gt=0)  # request line + headers must arrive within this, else the connection closes
+    body_timeout_seconds: float = Field(60.0, ge=0)    # the whole body within this of the request's start, else 408
+    keep_alive_seconds: int = Field(5, ge=1)           # idle keep-alive connections close after this
+    max_connections: int = Field(2048, ge=1)           # open connections; more are answered 503 and closed
+    max_header_bytes: int = Field(16384, ge=1024)      # request line + headers
     metrics_token: str | None = None       # when set, /metrics needs "Authorization: Bearer <token>"
 
     retain_images: bool = False
-    retention_days: int = 30        # `idverify audit purge` deletes retained images older than this
+    retention_days: int = Field(30, ge=0)  # `idverify audit purge` deletes retained images older than this
     image_key: str | None = None    # urlsafe-base64 32-byte key (AES-256-GCM) for retained images
 
     # operator console (/console)
-    console_session_minutes: int = 30   # idle timeout of a console session (absolute cap: 12 h)
-    console_secure_cookie: str = "auto" # auto (Secure when the request came over https) | true | false
+    console_session_minutes: int = Field(30, ge=1)  # idle timeout of a console session (absolute cap: 12 h)
+    console_secure_cookie: Literal["auto", "true", "false"] = "auto"  # auto (Secure when the request came over https) | true | false
 
     # decision policy (service/face/policy.py): what refuses a pair before its score decides
     live_face_dominance: float = 2.0   # several faces on the live photo: the chosen one's box area must be >= this x the next's
@@ -89,6 +91,29 @@ class Settings(BaseSettings):
     refuse_replayed_live: bool = False       # refuse a flagged live photo (409 live_photo_replayed)
 
     data_dir: Path = ROOT.parent / "shared" / "data"
+
+    # logging (service/logs.py): one access line per request, text or JSON lines on stderr
+    log_format: Literal["text", "json"] = "text"
+
+
+# never printed (`idverify config` masks them) nor logged
+SECRETS = ("bootstrap_admin_key", "key_pepper", "metrics_token", "image_key")
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a setting: `far_target` -> `IDV_FAR_TARGET`."""
+    return ENV_PREFIX + field.upper()
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    """One line per refused setting, named by its IDV_ variable, with the value given (secrets
+    withheld) and what it should be (pydantic's message: the allowed values of a Literal, a bound)."""
+    lines = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err.get("loc") else "?"
+        shown = "" if field in SECRETS or "input" not in err else f"={err['input']!r:.80}"
+        lines.append(f"{env_name(field)}{shown}: {err['msg'][:1].lower()}{err['msg'][1:]}")
+    return lines
 
 
 @lru_cache

@@ -11,7 +11,8 @@ import models.eval as _package
 from models.eval import DEFAULT_FOLDS, PROTOCOLS
 
 ROOT = Path(__file__).resolve().parents[2]
-REQUIRES = ("matplotlib", "scipy", "tqdm")  # the `eval` extra; without it `idverify eval` is not offered
+REQUIRES = ("matplotlib", "scipy", "tqdm")  # the `eval` extra; without it `idverify eval` says so
+EXTRA = "eval"
 
 
 def register(sub) -> None:

@@ -179,18 +179,51 @@ def _scoring_info(pipeline) -> dict:
     return info
 
 
-def _metrics(scores, labels, imp, ext_genuine, pairs, folds, curves: bool = True) -> dict:
+def served_threshold(pipeline) -> dict | None:
+    """The threshold the service serves with these models and settings (IDV_THRESHOLD, else
+    IDV_FAR_TARGET looked up in the served score's calibration table, as service/face/loader.py
+    does); None when the models ship no table to place it."""
+    from service.face.decide import Threshold
+
+    settings = getattr(pipeline, "settings", None)
+    scored = getattr(pipeline, "fusion", None) or getattr(pipeline, "towers", None)
+    if settings is None or scored is None:
+        return None
+    try:
+        t = Threshold.from_settings(settings, scored.calibration)
+    except ValueError:
+        return None
+    setting = (f"IDV_THRESHOLD={settings.threshold:g}" if settings.threshold is not None
+               else f"IDV_FAR_TARGET={settings.far_target:g}")
+    return {"score": t.score, "far_calibrated": t.far, "setting": setting}
+
+
+def operating_point(genuine, imp_set: ScoreSet, threshold: float) -> dict:
+    """FAR and TAR of this evaluation's scores at one threshold (accept: score >= threshold)."""
+    genuine = np.asarray(genuine)
+    return {"threshold": threshold, "far": imp_set.accepted(threshold) / max(1, imp_set.n),
+            "tar": float((genuine >= threshold).mean()) if genuine.size else math.nan}
+
+
+def _metrics(scores, labels, imp, ext_genuine, pairs, folds, curves: bool = True, served: dict | None = None) -> dict:
     genuine = scores[labels]
     imp_set = ScoreSet(imp.astype(np.float32, copy=False))
     out = {"genuine": genuine, "imp_set": imp_set, "tar": tar_at_far(genuine, imp_set, TAR_FARS), "tar_ext": None,
            "accuracy": kfold_accuracy(scores, labels, np.array([p.fold for p in pairs]), list(folds)),
            "curves": {}}
+
+    def curve(gen) -> dict:
+        c = roc_points(gen, imp_set)
+        if served is not None:
+            c["served"] = operating_point(gen, imp_set, served["score"])
+        return c
+
     if curves:
-        out["curves"][f"pairs.txt genuine ({genuine.size})"] = roc_points(genuine, imp_set)
+        out["curves"][f"pairs.txt genuine ({genuine.size})"] = curve(genuine)
     if ext_genuine is not None and ext_genuine.size:
         out["tar_ext"] = tar_at_far(ext_genuine, imp_set, TAR_FARS)
         if curves:
-            out["curves"][f"all same-identity pairs ({ext_genuine.size})"] = roc_points(ext_genuine, imp_set)
+            out["curves"][f"all same-identity pairs ({ext_genuine.size})"] = curve(ext_genuine)
     return out
 
 
@@ -278,7 +311,8 @@ def evaluate(protocol: str, folds: list[int], pipeline, data_dir: Path | str, *,
                          "all cross-identity unordered pairs among the distinct images (live/live)")
     else:
         impostor_desc = "mismatched pairs of pairs.txt"
-    m = _metrics(scores, labels, imp, ext_genuine, pairs, folds)
+    served_at = served_threshold(pipeline)
+    m = _metrics(scores, labels, imp, ext_genuine, pairs, folds, served=served_at)
     genuine, imp_set, tar, tar_ext, accuracy, curves = (m[k] for k in ("genuine", "imp_set", "tar", "tar_ext",
                                                                         "accuracy", "curves"))
     families = None
@@ -313,6 +347,7 @@ def evaluate(protocol: str, folds: list[int], pipeline, data_dir: Path | str, *,
         "tar_at_far": tar,
         "tar_at_far_extended_genuine": tar_ext,
         "calibration": calibration_table(imp_set),
+        "served_threshold": served_at and {**served_at, **operating_point(genuine, imp_set, served_at["score"])},
         "scoring": _scoring_info(pipeline),
         "families": families,
         "fta": _fta_report(embedder, rel_a, side_a, rel_b, codes, labels),

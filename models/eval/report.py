@@ -70,7 +70,7 @@ def write_outputs(report: dict, pairs: list[Pair], scores, codes, curves, out: P
     title = f"{report['protocol']} folds {','.join(map(str, report['folds']))} - {report.get('model_version')}"
     from models.eval.plots import plot_curves
 
-    report["plots"] = plot_curves(curves, out, title)
+    report["plots"] = plot_curves(curves, out, title, served=report.get("served_threshold"))
     with open(out / "pair_scores.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["fold", "name1", "n1", "name2", "n2", "same", "score", "fta1", "fta2"])
@@ -95,6 +95,10 @@ def summary_lines(report: dict) -> list[str]:
     if report.get("tar_at_far_extended_genuine"):
         ext = ", ".join(f"{r['tar'] * 100:.2f}%@{r['far_target']:g}" for r in report["tar_at_far_extended_genuine"])
         lines.append(f"TAR, all {c['extended_genuine']} same-identity pairs: {ext}")
+    if report.get("served_threshold"):
+        st = report["served_threshold"]
+        lines.append(f"served threshold {st['score']:.4f} ({st['setting']}, calibrated FAR {st['far_calibrated']}): "
+                     f"here FAR {st['far']:.2e}, TAR {st['tar'] * 100:.2f}%")
     for family, f in (report.get("families") or {}).items():
         tars = ", ".join(f"{r['tar'] * 100:.2f}%@{r['far_target']:g}" for r in f["tar_at_far"])
         lines.append(f"  {family} ({f['model_version']}) alone: accuracy {f['accuracy']['mean'] * 100:.2f}%, TAR {tars}")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from models.train.paths import DEFAULT_CACHE, DEFAULT_RUNS
 
-REQUIRES = ("torch",)  # the `train` extra; without it `idverify train|adapt` are not offered
+REQUIRES = ("torch",)  # the `train` extra; without it `idverify train|adapt` say so
+EXTRA = "train"
 
 
 def register(sub) -> None:

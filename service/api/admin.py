@@ -1,6 +1,7 @@
 """Key management for admins: POST/GET /admin/keys, DELETE /admin/keys/{id}."""
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Path, Request
@@ -10,7 +11,9 @@ from service.records import keys
 from service.api import deps
 from service.api.schemas import AUTH_ERRORS, KeyAnswer, KeyCreated, KeyList, errors
 from service.errors import INVALID_REQUEST, ApiError
+from service.middleware import CALLER
 
+log = logging.getLogger("idverify.admin")
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(deps.require("keys"))],
                    responses=errors(*AUTH_ERRORS), route_class=deps.StrictJsonRoute)
 
@@ -36,6 +39,7 @@ def create_key(body: KeyCreate, request: Request) -> dict:
         raise ApiError(INVALID_REQUEST, "only a kiosk key can be bound to a device_id", "device_id")
     key, plaintext = keys.create_key(deps.engine(request), body.role, body.name,
                                      pepper=request.app.state.settings.key_pepper, device_id=body.device_id)
+    log.info("admin: key %d (%s) created by key %s", key.id, key.role, _caller(request))
     return {"id": key.id, "key": plaintext, "role": key.role, "name": key.name, "prefix": key.prefix,
             "device_id": key.device_id}
 
@@ -53,4 +57,9 @@ def revoke_key(request: Request, key_id: int = Path(ge=1, le=keys.MAX_KEY_ID)) -
         raise ApiError("last_admin_key", str(exc), "id", status=409) from exc
     if key is None:
         raise ApiError("not_found", f"no key {key_id}", "id", status=404)
+    log.info("admin: key %d (%s) revoked by key %s", key.id, key.role, _caller(request))
     return keys.public(key)
+
+
+def _caller(request: Request):
+    return getattr(request.state, CALLER, {}).get("key_id")

@@ -9,6 +9,7 @@ from fastapi.security import APIKeyHeader
 from sqlalchemy import Engine
 
 from service.api.verify_input import unique_keys
+from service.middleware import remember_caller
 from service.records import keys
 from service.records.tables import ApiKey
 from service.errors import FORBIDDEN, RATE_LIMITED, UNAUTHORIZED, ApiError
@@ -59,13 +60,14 @@ def authenticate(request: Request) -> ApiKey:
         if presented:
             state.auth_throttle.failed(idents)
         raise ApiError(UNAUTHORIZED, f"a valid {API_KEY_HEADER} header is required", None, status=401)
+    remember_caller(request, key)
     return key
 
 
 def authorize(key: ApiKey, permission: str) -> None:
     """403 `forbidden` when the key's role may not do this."""
     if not keys.allowed(key.role, permission):
-        raise ApiError(FORBIDDEN, f"a {key.role} key may not {permission}", None, status=403)
+        raise ApiError(FORBIDDEN, keys.refusal(key.role, permission), None, status=403)
 
 
 def require(permission: str):

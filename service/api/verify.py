@@ -59,7 +59,11 @@ async def verify(request: Request) -> JSONResponse:
     models = state.models
     try:
         deps.authorize(key, "verify")
-        _rate_limit(state.limiter, key.id)
+        try:
+            _rate_limit(state.limiter, key.id)
+        except ApiError as limited:
+            await _read_for_record(request, attempt, state.settings.max_request_bytes)
+            raise limited
         attempt.received(await read_verify_input(request, state.settings.max_request_bytes))
         state.policy.check_liveness(attempt.input.liveness)
         models = deps.models(request)
@@ -118,6 +122,15 @@ async def _analyse_sides(pipeline, policy, attempt: VerifyAttempt) -> None:
         raise id_result
     if isinstance(live_result, BaseException):
         raise live_result
+
+
+async def _read_for_record(request: Request, attempt: VerifyAttempt, cap: int) -> None:
+    """A rate-limited call's body is still read (same caps and deadline), never analysed, so
+    that its audit record names the device, the reference and the photos' hashes."""
+    try:
+        attempt.received(await read_verify_input(request, cap))
+    except ApiError:
+        pass   # what the body lacks does not change the answer: 429
 
 
 def _rate_limit(limiter, key_id: int) -> None:

@@ -4,10 +4,31 @@ audited face box lands on the face and a hostile upload costs the console no mor
 the box drawn, scaled down, re-encoded as JPEG. What that decoder refuses is not shown."""
 from __future__ import annotations
 
+import io
+
 import cv2
 
 MAX_SIDE = 640
 BOX_COLOUR = (0, 230, 64)    # RGB, a bright green that stands out on skin and backgrounds
+
+
+def native_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a retained image as uploaded, from its header (nothing decoded; EXIF
+    rotation applied as the decoder applies it); None when the header cannot be read."""
+    from PIL import Image
+
+    from service.face.decode import sniff_format
+
+    fmt = sniff_format(data)
+    if fmt is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt]) as im:
+            w, h = im.size
+            turned = im.getexif().get(0x0112) in (5, 6, 7, 8)   # orientations with a quarter turn
+    except Exception:  # noqa: BLE001 - an unreadable header: no size stated
+        return None
+    return (h, w) if turned else (w, h)
 
 
 def annotated_jpeg(data: bytes, box, field: str, settings, max_side: int = MAX_SIDE) -> bytes:

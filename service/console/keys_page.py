@@ -2,8 +2,10 @@
 
 GET  /console/keys                 the keys (prefix, role, name, created, revoked)
 POST /console/keys                 create one (CSRF); the answer page shows its plaintext, once
-POST /console/keys/{id}/revoke     revoke one (CSRF); a refusal (e.g. the last active admin key,
-                                   service/records/keys.py) is shown on the page
+GET  /console/keys/{id}/revoke     asks first: the key, what revoking does, Revoke / Cancel
+POST /console/keys/{id}/revoke     revoke one (CSRF, and the confirmation page's `confirm=yes`:
+                                   without it the browser is sent to that page); a refusal (e.g.
+                                   the last active admin key, service/records/keys.py) is shown
 
 Other roles are answered 403. The plaintext is never logged and never rendered again; the
 page is `Cache-Control: no-store` like every console page.
@@ -36,7 +38,8 @@ def _refused(request: Request, principal) -> Response | None:
     if keys.allowed(principal.role, "keys"):
         return None
     return routes._message(request, principal, 403, "Forbidden",
-                           f"A {principal.role} key cannot manage API keys; sign in with an admin key.")
+                           f"{keys.a_role_key(principal.role).capitalize()} cannot manage API keys; "
+                           "sign in with an admin key.")
 
 
 @router.get("/keys")
@@ -66,16 +69,40 @@ async def key_create(request: Request) -> Response:
                                    created={"id": key.id, "role": key.role, "name": key.name, "key": plaintext})
 
 
+def _key_id(key_id: str) -> int | None:
+    return int(key_id) if key_id.isdigit() and len(key_id) < 12 else None
+
+
+@router.get("/keys/{key_id}/revoke")
+def key_revoke_confirm(key_id: str, request: Request) -> Response:
+    """The confirmation step: a page of its own, so it works without JavaScript."""
+    principal = routes._principal(request)
+    if principal is None:
+        return routes._to_login(request)
+    if (refused := _refused(request, principal)) is not None:
+        return refused
+    key = keys.get_key(request.app.state.engine, _key_id(key_id) or 0)
+    if key is None:
+        return _page(request, principal, 404, error=f"There is no key {key_id[:12]}.")
+    if key.revoked_at is not None:
+        return _page(request, principal, 409, error=f"Key {key.id} ({key.name}) is already revoked.")
+    return routes._render(request, "keys_confirm.html", principal, title="Revoke key", k=keys.public(key),
+                          own=key.id == principal.key_id)
+
+
 @router.post("/keys/{key_id}/revoke")
 async def key_revoke(key_id: str, request: Request) -> Response:
-    principal, _form, error = await routes._post_guard(request)
+    principal, form, error = await routes._post_guard(request)
     if error is not None:
         return error
     if (refused := _refused(request, principal)) is not None:
         return refused
+    number = _key_id(key_id)
+    if number is not None and form.get("confirm") != "yes":   # not from the confirmation page: ask first
+        return routes._harden(RedirectResponse(f"{routes._base(request)}/keys/{number}/revoke", status_code=303))
     try:
-        key = await run_in_threadpool(keys.revoke_key, request.app.state.engine, int(key_id), True) \
-            if key_id.isdigit() and len(key_id) < 12 else None
+        key = await run_in_threadpool(keys.revoke_key, request.app.state.engine, number, True) \
+            if number is not None else None
     except (ValueError, ApiError) as exc:  # a rule of keys.revoke_key (e.g. the last active admin key)
         return await run_in_threadpool(_page, request, principal, 409, error=f"Not revoked: {exc}")
     if key is None:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service.console import routes, stats
-from service.console.images import annotated_jpeg
+from service.console.images import annotated_jpeg, native_size
 from service.records import audit, keys, retention
 from service.records.engine import read_session
 from service.records.tables import ApiKey
@@ -37,15 +37,31 @@ def record_detail(record_id: str, request: Request) -> Response:
         with read_session(state.engine) as s:
             key = s.get(ApiKey, record.key_id)
     sides = retention.stored_sides(state.engine, record.id)
+    sizes = _native_sizes(state, record.id, sides)
     chain_run = routes._chain_cache(request).current(state.engine, refresh="background")
     return routes._render(
         request, "detail.html", principal, title=f"Record {record.seq}", r=audit.to_public(record),
         key=keys.public(key) if key else None,
         chain_state=stats.record_chain_state(state.engine, record, chain_run), chain=chain_run,
-        images={side: f"{routes._base(request)}/records/{record.id}/images/{side}" for side in sides},
+        images={side: f"{routes._base(request)}/records/{record.id}/images/{side}" for side in sides}, sizes=sizes,
         retain_on=state.settings.retain_images, can_decrypt=getattr(state, "image_cipher", None) is not None,
         retain_until=audit.utc(record.retain_until).strftime("%Y-%m-%d %H:%M UTC") if record.retain_until else None,
     )
+
+
+def _native_sizes(state, record_id: str, sides) -> dict[str, tuple[int, int]]:
+    """Each retained image's size as uploaded (the page states it: the chip photo is shown
+    enlarged to the live photo's height)."""
+    cipher = getattr(state, "image_cipher", None)
+    sizes = {}
+    for side in sides if cipher is not None else ():
+        try:
+            data = retention.load(state.engine, cipher, record_id, side)
+        except retention.ImageDecryptError:
+            continue
+        if data is not None and (size := native_size(data)) is not None:
+            sizes[side] = size
+    return sizes
 
 
 @router.get("/records/{record_id}/images/{side}")

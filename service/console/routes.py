@@ -27,6 +27,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import INVALID_REQUEST, ApiError
+from service.middleware import remember_caller
 from service.records import audit, keys
 from service.console import charts, csrf, export, sessions, stats
 from service.records.tables import ApiKey
@@ -106,7 +107,10 @@ def _chain_cache(request: Request) -> stats.ChainCache:
 def _principal(request: Request) -> sessions.Principal | None:
     """Blocking (database): call from sync routes or through run_in_threadpool."""
     state = _state(request)
-    return sessions.lookup(state.engine, request.cookies.get(sessions.COOKIE), state.settings.console_session_minutes)
+    principal = sessions.lookup(state.engine, request.cookies.get(sessions.COOKIE), state.settings.console_session_minutes)
+    if principal is not None:
+        remember_caller(request, principal)
+    return principal
 
 
 def _render(request: Request, name: str, principal: sessions.Principal | None, status: int = 200, **ctx) -> Response:
@@ -246,9 +250,10 @@ async def login(request: Request) -> Response:
         state.auth_throttle.failed(idents)
         log.info("console sign-in refused: unknown or revoked key")
         return _login_page(request, 401, "That key is not valid (unknown or revoked).", form.get("next"))
+    remember_caller(request, key)
     if not sessions.may_sign_in(key):
         log.info("console sign-in refused for key %d (%s): role may not use the console", key.id, key.role)
-        return _login_page(request, 403, f"A {key.role} key cannot sign in to the console; "
+        return _login_page(request, 403, f"{keys.a_role_key(key.role).capitalize()} cannot sign in to the console; "
                                          "use an operator or admin key.", form.get("next"))
     value = await run_in_threadpool(sessions.create, state.engine, key, state.settings.console_session_minutes)
     log.info("console sign-in: key %d (%s)", key.id, key.role)

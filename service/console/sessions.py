@@ -51,7 +51,7 @@ def may_sign_in(key: ApiKey) -> bool:
 def create(engine: Engine, key: ApiKey, idle_minutes: int, now: datetime | None = None) -> str:
     """A new session for `key`; returns the cookie value. Expired sessions are swept here."""
     if not may_sign_in(key):
-        raise PermissionError(f"a {key.role} key may not sign in to the console")
+        raise PermissionError(f"{keys.a_role_key(key.role)} may not sign in to the console")
     now = now or datetime.now(timezone.utc)
     value = secrets.token_urlsafe(32)
     row = ConsoleSession(id_hash=_digest(value), key_id=key.id, csrf_token=secrets.token_urlsafe(32),

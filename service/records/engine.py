@@ -118,7 +118,7 @@ def register(sub) -> None:
     p = sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
     p.add_argument("--database-url", help="default: IDV_DATABASE_URL or SQLite under ./var/")
     p.add_argument("--revision", default="head")
-    p.set_defaults(func=_cmd_migrate)
+    p.set_defaults(func=_cmd_migrate, check_config=True)   # service/cli.py: refused settings end it first
 
 
 def _cmd_migrate(args) -> int:

@@ -7,8 +7,10 @@ service's environment. Migration 0003 turned the SHA-256 digests stored before i
 place; changing the pepper invalidates every key. Without a pepper (the embedded default) the
 HMAC key is empty and the service warns at start-up. A request's key is hashed and looked up
 by that digest (an indexed equality), then the digests are compared in constant time. The
-first characters are kept as a non-secret prefix so operators can tell keys apart. The last
-active admin key cannot be revoked through the API or the CLI.
+first characters of a generated key are kept as a non-secret prefix so operators can tell keys
+apart; a bootstrap key (IDV_BOOTSTRAP_ADMIN_KEY, chosen by a person, with no `idv_` tag) is
+listed under a random `boot-` identifier instead, none of its characters. The last active
+admin key cannot be revoked through the API or the CLI.
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ PERMISSIONS = {
 }
 KEY_TAG = "idv_"
 PREFIX_LEN = 12
+BOOTSTRAP_TAG = "boot-"
+# what each permission lets a key do, in words (403 answers)
+PERMISSION_WORDS = {"verify": "call /verify", "audit": "read the audit trail", "keys": "manage API keys"}
 MIN_BOOTSTRAP_LEN = 32
 MAX_KEY_ID = 2**31 - 1   # api_keys.id is an INTEGER
 DEVICE_ID_MAX = 128      # as /verify's device_id
@@ -61,8 +66,23 @@ def display_prefix(plaintext: str) -> str:
     return plaintext[:min(PREFIX_LEN, len(plaintext) // 4)]
 
 
+def bootstrap_label() -> str:
+    """The listed identifier of a bootstrap key: random, so it tells nothing about the key."""
+    return BOOTSTRAP_TAG + secrets.token_hex(4)
+
+
 def allowed(role: str, permission: str) -> bool:
     return role in PERMISSIONS[permission]
+
+
+def a_role_key(role: str) -> str:
+    """'a kiosk key', 'an operator key', 'an admin key'."""
+    return f"{'an' if role[:1].lower() in 'aeiou' else 'a'} {role} key"
+
+
+def refusal(role: str, permission: str) -> str:
+    """The 403 message: 'an operator key may not manage API keys'."""
+    return f"{a_role_key(role)} may not {PERMISSION_WORDS.get(permission, permission)}"
 
 
 def public(key: ApiKey) -> dict:
@@ -96,6 +116,13 @@ def create_key(engine: Engine, role: str, name: str, plaintext: str | None = Non
 def list_keys(engine: Engine) -> list[ApiKey]:
     with read_session(engine) as s:
         return list(s.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+def get_key(engine: Engine, key_id: int) -> ApiKey | None:
+    if not 1 <= key_id <= MAX_KEY_ID:
+        return None
+    with read_session(engine) as s:
+        return s.get(ApiKey, key_id)
 
 
 def revoke_key(engine: Engine, key_id: int, keep_last_admin: bool = False) -> ApiKey | None:
@@ -138,8 +165,10 @@ def lookup(engine: Engine, plaintext: str | None, pepper: str | None = None) -> 
 
 def ensure_bootstrap_admin(engine: Engine, plaintext: str | None, pepper: str | None = None) -> ApiKey | None:
     """IDV_BOOTSTRAP_ADMIN_KEY: create that admin key unless a key with that value exists
-    (revoked or not: a revoked bootstrap key stays revoked). Returns the key if created.
-    ValueError (the service refuses to start) when it is shorter than MIN_BOOTSTRAP_LEN."""
+    (revoked or not: a revoked bootstrap key stays revoked). Returns the key if created. It is
+    listed under `bootstrap_label()`; one listed earlier under its own first characters gets
+    such a label now. ValueError (the service refuses to start) when it is shorter than
+    MIN_BOOTSTRAP_LEN."""
     if not plaintext:
         return None
     if len(plaintext) < MIN_BOOTSTRAP_LEN:
@@ -148,9 +177,12 @@ def ensure_bootstrap_admin(engine: Engine, plaintext: str | None, pepper: str | 
     digest = hash_key(plaintext, pepper)
     try:
         with write_session(engine) as s:
-            if s.scalars(select(ApiKey.id).where(ApiKey.key_hash == digest)).first() is not None:
+            existing = s.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
+            if existing is not None:
+                if plaintext.startswith(existing.prefix):   # listed by the secret's own first characters
+                    existing.prefix = bootstrap_label()
                 return None
-            key = ApiKey(name="bootstrap-admin", role="admin", prefix=display_prefix(plaintext), key_hash=digest,
+            key = ApiKey(name="bootstrap-admin", role="admin", prefix=bootstrap_label(), key_hash=digest,
                          created_at=datetime.now(timezone.utc))
             s.add(key)
     except IntegrityError:  # another process created it at the same moment

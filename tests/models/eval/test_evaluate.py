@@ -137,6 +137,28 @@ def test_roc_points_monotone():
     assert all(np.diff(roc["tar"]) >= 0)
 
 
+def test_plots_mark_the_served_threshold():
+    from models.eval import plots
+
+    genuine = np.linspace(0.80, 0.99, 50)
+    imp = metrics.ScoreSet(np.linspace(0.30, 0.90, 2000))
+    curve = metrics.roc_points(genuine, imp)
+    curve["served"] = point = protocols.operating_point(genuine, imp, 0.88)
+    assert point["far"] == imp.accepted(0.88) / 2000 and point["tar"] == pytest.approx(np.mean(genuine >= 0.88))
+    served = {"score": 0.88, "far_calibrated": 1e-3, "setting": "IDV_FAR_TARGET=0.001"}
+    label = "served threshold 0.8800 (IDV_FAR_TARGET=0.001)"
+    from scipy.stats import norm
+
+    for make, where in ((plots.roc_figure, (point["far"], point["tar"])),
+                        (plots.det_figure, (norm.ppf(point["far"]), norm.ppf(1 - point["tar"])))):
+        ax = make({"genuine (50)": curve}, "test", served).axes[0]
+        (mark,) = [line for line in ax.get_lines() if line.get_label() == label]
+        assert label in [t.get_text() for t in ax.get_legend().get_texts()]
+        assert tuple(np.ravel(mark.get_data())) == pytest.approx(where)
+        unmarked = make({"genuine (50)": curve}, "test", None).axes[0]
+        assert not [t for t in unmarked.get_legend().get_texts() if "served" in t.get_text()]
+
+
 def test_cross_scores_masks():
     e = np.eye(4, dtype=np.float32)
     e[1] = e[0]                                   # images 0 and 1: same person, same face
@@ -219,9 +241,13 @@ def test_embedder_matches_pipeline_analyse(pipeline):
 
 
 @pytest.mark.parametrize("protocol", ["lfw", "lfw-ivs"])
-def test_small_real_run_writes_report(pipeline, tmp_path, protocol):
+def test_small_real_run_writes_report(pipeline, models, tmp_path, protocol):
     out = tmp_path / protocol
     report = protocols.evaluate(protocol, [1], pipeline, _data_dir(), limit=6, out=out, progress=False)
+    # the threshold the service serves, and where it falls on this run's scores
+    served = report["served_threshold"]
+    assert served["score"] == models.threshold.score and served["setting"] == "IDV_FAR_TARGET=0.001"
+    assert 0 <= served["far"] <= 1 and 0 <= served["tar"] <= 1
     files = {p.name for p in out.iterdir()}
     assert {"report.json", "roc.png", "det.png", "pair_scores.csv"} <= files
     for png in ("roc.png", "det.png"):

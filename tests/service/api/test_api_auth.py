@@ -2,6 +2,10 @@
 limit, and the `idverify keys` command line. Runs on SQLite and PostgreSQL."""
 from __future__ import annotations
 
+import base64
+import hashlib
+import logging
+
 import pytest
 from sqlalchemy import func, select
 
@@ -53,10 +57,12 @@ def test_role_matrix(make_client, engine, role_keys):
     assert audit.verify_chain(engine).ok
 
 
-def test_admin_manages_keys(make_client, engine, admin_key):
+def test_admin_manages_keys(make_client, engine, admin_key, caplog):
     client = make_client()
     admin = {"X-API-Key": admin_key}
-    r = client.post("/admin/keys", json={"role": "kiosk", "name": "lobby kiosk"}, headers=admin)
+    admin_id = keys.lookup(engine, admin_key).id
+    with caplog.at_level(logging.INFO, logger="idverify.admin"):
+        r = client.post("/admin/keys", json={"role": "kiosk", "name": "lobby kiosk"}, headers=admin)
     assert r.status_code == 201, r.text
     created = r.json()
     assert {"id", "key", "role", "name"} <= set(created)
@@ -77,8 +83,13 @@ def test_admin_manages_keys(make_client, engine, admin_key):
     assert client.get("/audit", headers=kiosk).status_code == 403
     assert client.post("/verify", json={}, headers=kiosk).status_code == 400  # authorised
 
-    r = client.delete(f"/admin/keys/{created['id']}", headers=admin)
+    with caplog.at_level(logging.INFO, logger="idverify.admin"):
+        r = client.delete(f"/admin/keys/{created['id']}", headers=admin)
     assert r.status_code == 200 and r.json()["revoked_at"]
+    # key management leaves its own lines (never the plaintext)
+    assert f"admin: key {created['id']} (kiosk) created by key {admin_id}" in caplog.text
+    assert f"admin: key {created['id']} (kiosk) revoked by key {admin_id}" in caplog.text
+    assert plaintext not in caplog.text
     r = client.post("/verify", json={}, headers=kiosk)
     assert r.status_code == 401 and _error(r) == "unauthorized"
 
@@ -94,7 +105,7 @@ def test_admin_manages_keys(make_client, engine, admin_key):
 
 
 def test_bootstrap_admin_key(make_client, engine):
-    boot = "bootstrap-" + "x" * 30
+    boot = "0123456789abcdef" * 3   # as `openssl rand -hex` makes them: no idv_ tag
     client = make_client(bootstrap_admin_key=boot)
     r = client.post("/admin/keys", json={"role": "operator", "name": "ops"}, headers={"X-API-Key": boot})
     assert r.status_code == 201
@@ -103,7 +114,15 @@ def test_bootstrap_admin_key(make_client, engine):
         assert conn.execute(select(func.count()).select_from(ApiKey).where(
             ApiKey.key_hash == keys.hash_key(boot))).scalar() == 1
     row = keys.lookup(engine, boot)
-    assert row.role == "admin" and boot.startswith(row.prefix) and len(row.prefix) <= len(boot) // 4
+    # listed under a random identifier: none of the secret's own characters
+    assert row.role == "admin" and row.prefix.startswith(keys.BOOTSTRAP_TAG) and not boot.startswith(row.prefix)
+    assert client.get("/admin/keys", headers={"X-API-Key": boot}).json()["items"][0]["prefix"] == row.prefix
+    # a bootstrap key listed before by its first characters gets such an identifier at the next start
+    with engine.begin() as conn:
+        conn.execute(ApiKey.__table__.update().where(ApiKey.id == row.id).values(prefix=boot[:12]))
+    make_client(bootstrap_admin_key=boot)
+    relabelled = keys.lookup(engine, boot).prefix
+    assert relabelled.startswith(keys.BOOTSTRAP_TAG) and relabelled != row.prefix and not boot.startswith(relabelled)
 
     keys.revoke_key(engine, row.id)  # a revoked bootstrap key stays revoked across restarts
     make_client(bootstrap_admin_key=boot)
@@ -113,13 +132,18 @@ def test_bootstrap_admin_key(make_client, engine):
 def test_rate_limit_per_key(make_client, role_keys, engine):
     client = make_client(rate_limit_per_minute=2)
     kiosk, admin = {"X-API-Key": role_keys["kiosk"]}, {"X-API-Key": role_keys["admin"]}
-    codes = [client.post("/verify", json={}, headers=kiosk) for _ in range(3)]
+    photos = {"id_photo": base64.b64encode(b"chip bytes").decode(), "live_photo": base64.b64encode(b"live").decode()}
+    codes = [client.post("/verify", json={}, headers=kiosk) for _ in range(2)]
+    # over the limit: refused before any analysis (these bytes are no image), its body read for the record
+    codes.append(client.post("/verify", json={**photos, "device_id": "kiosk-2", "reference": "case-9"}, headers=kiosk))
     assert [r.status_code for r in codes] == [400, 400, 429]
     assert _error(codes[2]) == "rate_limited" and int(codes[2].headers["Retry-After"]) >= 1
     assert client.post("/verify", json={}, headers=admin).status_code == 400  # another key: its own budget
-    with engine.connect() as conn:  # the refused call is audited too
-        assert conn.execute(select(func.count()).select_from(AuditRecord)
-                            .where(AuditRecord.error_code == "rate_limited")).scalar() == 1
+    with engine.connect() as conn:  # the refused call is audited too, with the device it came from
+        limited = conn.execute(select(AuditRecord).where(AuditRecord.error_code == "rate_limited")).all()
+    assert len(limited) == 1 and limited[0].id == codes[2].headers["X-Request-ID"]
+    assert (limited[0].device_id, limited[0].reference, limited[0].decision) == ("kiosk-2", "case-9", "rejected")
+    assert limited[0].id_sha256 == hashlib.sha256(b"chip bytes").hexdigest() and limited[0].id_faces is None
 
 
 def test_rate_limiter_refills():

@@ -164,11 +164,12 @@ def test_console_in_headless_chromium(console_site, browser):
 
 
 def test_admin_manages_keys_in_headless_chromium(tmp_path, live_server, unused_models, browser):
-    """Sign in as admin, create a kiosk key (its plaintext shown once), revoke it; the chain page
-    carries its meta refresh and the list its error-code select."""
+    """Sign in as admin, create a kiosk key (its plaintext shown once), revoke it (the console asks
+    first; Cancel keeps it); the chain page carries its meta refresh and the list its error-code select."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
+    SHOTS.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{tmp_path / 'keys.db'}"
     migrate(url)
     engine = make_engine(url)
@@ -190,9 +191,76 @@ def test_admin_manages_keys_in_headless_chromium(tmp_path, live_server, unused_m
     assert made is not None and made.role == "kiosk" and made.name == "lobby kiosk 12"
     d.get(f"{base}/console/keys")
     assert plaintext not in d.page_source
-    d.find_element(By.CSS_SELECTOR, f"#key-{made.id} button.revoke").click()
-    _wait(lambda: "yes, " in d.find_element(By.ID, f"key-{made.id}").text, what="the revoked row")
+    # revoke asks first: Cancel leaves the key as it was
+    d.find_element(By.CSS_SELECTOR, f"#key-{made.id} a.revoke").click()
+    _wait(lambda: d.current_url.endswith(f"/console/keys/{made.id}/revoke"), what="the confirmation page")
+    assert "lobby kiosk 12" in d.find_element(By.ID, "confirm-name").text
+    assert keys.lookup(engine, plaintext) is not None
+    d.find_element(By.ID, "cancel-revoke").click()
+    _wait(lambda: d.current_url.endswith("/console/keys"), what="the keys page after Cancel")
+    assert "no" == d.find_element(By.ID, f"key-{made.id}").find_elements(By.TAG_NAME, "td")[5].text
+    assert keys.lookup(engine, plaintext) is not None
+    # ... and revokes once confirmed
+    d.find_element(By.CSS_SELECTOR, f"#key-{made.id} a.revoke").click()
+    _wait(lambda: d.find_elements(By.ID, "confirm-revoke-button"), what="the confirmation page")
+    d.save_screenshot(str(SHOTS / "console-revoke-confirm.png"))
+    d.find_element(By.ID, "confirm-revoke-button").click()
+    _wait(lambda: d.current_url.endswith("/console/keys") and "yes, " in d.find_element(By.ID, f"key-{made.id}").text,
+          what="the revoked row")
     assert keys.lookup(engine, plaintext) is None
     d.get(f"{base}/console/chain")
     assert d.find_elements(By.CSS_SELECTOR, 'meta[http-equiv="refresh"]')
     engine.dispose()
+
+
+def test_record_page_shows_the_chip_photo_enlarged_beside_the_live_photo(request, tmp_path, live_server, lfw, browser):
+    """A real /verify of a simulated chip photo (102 x 126, ~1 KB JPEG 2000) against a live LFW
+    photo, with retention on: the record page shows the chip at the live photo's height, its
+    pixels kept sharp, and states its native size. Screenshot: reports/screenshots/console-record-chip.png
+    (docs/img/console-record-chip.png is a copy)."""
+    import httpx
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from models.eval.chipsim import CHIP_H, CHIP_W, chip_rng, simulate_chip
+
+    name = "Aaron_Peirsol"
+    img = np.asarray(Image.open(lfw / "images" / name / f"{name}_0001.jpg").convert("RGB"))
+    chip = simulate_chip(img, None, chip_rng("console-chip", 0))
+    url = f"sqlite:///{tmp_path / 'chip.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    kiosk = keys.create_key(engine, "kiosk", "lobby-kiosk")[1]
+    operator = keys.create_key(engine, "operator", "Dana (operator)")[1]
+    engine.dispose()
+    base = live_server(create_app(Settings(database_url=url, retain_images=True, image_key=retention.generate_key()),
+                                  models=served_models(request)))
+    r = httpx.post(f"{base}/verify", headers={"X-API-Key": kiosk}, timeout=120,
+                   files={"id_photo": ("chip.jp2", chip),
+                          "live_photo": ("live.jpg", (lfw / "images" / name / f"{name}_0002.jpg").read_bytes())},
+                   data={"device_id": "kiosk-1", "reference": "case-chip"})
+    assert r.status_code == 200, r.text
+    d = browser
+    d.get(f"{base}/console/login")
+    d.find_element(By.ID, "key").send_keys(operator)
+    d.find_element(By.ID, "sign-in").click()
+    _wait(lambda: d.current_url.rstrip("/").endswith("/console"), what="the records list")
+    d.get(f"{base}/console/records/{r.headers['x-request-id']}")
+    chip_img = d.find_element(By.CSS_SELECTOR, "#side-id img.retained")
+    live_img = d.find_element(By.CSS_SELECTOR, "#side-live img.retained")
+    _wait(lambda: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)
+                      for i in (chip_img, live_img)), what="both photos")
+    natural = d.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", chip_img)
+    assert natural == [CHIP_W, CHIP_H]   # served at its own size ...
+    chip_box, live_box = chip_img.rect, live_img.rect
+    assert chip_box["height"] == pytest.approx(live_box["height"], abs=1)   # ... shown at the live photo's height
+    assert chip_box["height"] >= 2 * CHIP_H - 1 and chip_box["width"] == pytest.approx(
+        chip_box["height"] * CHIP_W / CHIP_H, abs=2)
+    assert chip_box["y"] == pytest.approx(live_box["y"], abs=1) and chip_box["x"] < live_box["x"]   # side by side
+    assert d.execute_script("return getComputedStyle(arguments[0]).imageRendering", chip_img) == "pixelated"
+    assert d.find_element(By.ID, "native-id").text == f"native {CHIP_W} × {CHIP_H} px, shown at the live photo's height"
+    assert d.find_element(By.ID, "native-live").text == "native 250 × 250 px"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    d.execute_script("arguments[0].scrollIntoView()", d.find_element(By.ID, "side-id"))
+    d.save_screenshot(str(SHOTS / "console-record-chip.png"))

@@ -104,7 +104,7 @@ def test_the_setting_picks_a_family_or_the_fusion(fused, lfw_pairs):
         assert list(scores) == [scoring]
         d = models.scoring.decide(scores)
         assert d.scoring == scoring and d.score == scores[scoring] and d.threshold == models.threshold
-    with pytest.raises(ArtifactError, match="IDV_SCORING"):
+    with pytest.raises(ValueError, match="scoring"):   # refused by the settings, before any model loads
         load_pipeline(Settings(scoring="both"))
 
 

@@ -91,7 +91,7 @@ def test_not_ready_model_refused_at_load(fake_triton):
 
 
 def test_unknown_backend_refused():
-    with pytest.raises(ValueError, match="IDV_TOWER_BACKEND"):
+    with pytest.raises(ValueError, match="tower_backend"):   # refused by the settings
         load_pipeline(Settings(onnx_threads=1, tower_backend="tensorrt"))
 
 
