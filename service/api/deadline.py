@@ -24,7 +24,7 @@ from service.errors import ApiError, deadline_exceeded
 
 log = logging.getLogger("idverify.verify")
 
-COMMIT_GRACE_SECONDS = 0.5   # a record whose COMMIT is under way at the deadline gets this much longer
+COMMIT_GRACE_SECONDS = 0.25  # a record whose COMMIT is under way at the deadline gets this much longer
 
 
 class AnswerDeadline:

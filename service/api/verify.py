@@ -100,7 +100,8 @@ async def _work(request: Request, attempt: VerifyAttempt, deadline: AnswerDeadli
         await run_in_threadpool(write_audit, state.engine, state.image_cipher, state.settings, attempt, models, deadline)
     except Exception as exc:  # noqa: BLE001 - without its audit record, no answer may be given
         if is_outage(exc):
-            log.warning("audit write for %s failed: database unavailable", attempt.request_id)
+            log.warning("audit write for %s failed: database unavailable (%s)", attempt.request_id,
+                        (str(exc).splitlines() or [exc.__class__.__name__])[0][:200])
             attempt.failed(database_unavailable())
         else:
             log.exception("audit write for %s failed", attempt.request_id)
