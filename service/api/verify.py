@@ -49,11 +49,11 @@ async def verify(request: Request) -> JSONResponse:
     past it the caller gets 503 deadline_exceeded and the work finishes on its own, its record
     saying it was not answered (service/api/deadline.py)."""
     state = request.app.state
+    attempt = VerifyAttempt()
     if state.unanswered.full():
         err = ApiError(BUSY, "too many calls are still waiting on the database; retry shortly", None, status=503)
-        err.headers = {"Retry-After": "2"}
+        err.headers = {"Retry-After": "2", "X-Request-ID": attempt.request_id}
         raise err
-    attempt = VerifyAttempt()
     deadline = AnswerDeadline(state.settings.request_deadline_seconds, attempt.request_id)
     held: dict = {}
     task = asyncio.ensure_future(_work(request, attempt, deadline, held))

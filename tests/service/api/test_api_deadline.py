@@ -75,6 +75,25 @@ def test_a_late_call_is_answered_503_and_recorded_as_not_answered(make_client, e
     assert after.status_code == 200 and after.json()["decision"] == "match"
 
 
+def test_calls_left_waiting_are_bounded(make_client, engine, db_url, role_keys, models, bundled_images):
+    """One worker thread, so one call may wait past its deadline: the next is answered 503 busy
+    at once, without queuing; once the database frees up, calls are answered again."""
+    client = make_client(models=models, request_deadline_seconds=1.0, threadpool_size=1,
+                         db_lock_timeout_seconds=0, db_statement_timeout_seconds=0)
+    kiosk = {"X-API-Key": role_keys["kiosk"]}
+    release = _hold_lock(db_url)
+    try:
+        late = client.post("/verify", headers=kiosk, files=_photos(bundled_images))
+        busy = client.post("/verify", headers=kiosk, files=_photos(bundled_images))
+    finally:
+        release()
+    assert late.status_code == 503 and late.json()["error"]["code"] == "deadline_exceeded"
+    assert busy.status_code == 503 and busy.json()["error"]["code"] == "busy" and busy.headers["Retry-After"]
+    _wait_for(lambda: audit.get(engine, late.headers["X-Request-ID"]) is not None, 30)
+    assert audit.get(engine, busy.headers["X-Request-ID"]) is None   # refused before anything was read
+    _wait_for(lambda: client.post("/verify", headers=kiosk, files=_photos(bundled_images)).status_code == 200, 30)
+
+
 class SlowCommit(AnswerDeadline):
     """The COMMIT reaches the server only after the deadline (a stopped server, a held packet)."""
 

@@ -6,21 +6,18 @@ from __future__ import annotations
 
 import random
 import socket
-import threading
 import time
 import uuid
 
 import httpx
 import pytest
 import redis
-import uvicorn
 from fastapi.testclient import TestClient
 
 from conftest import UnusedModels
 from service.app import create_app
 from service.ratelimit import MemoryStore, RateLimiter
 from service.records import keys
-from service.server import uvicorn_config
 from service.settings import Settings
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -49,40 +46,16 @@ def _allowed(seconds: float) -> int:
     return LIMIT + int(seconds * LIMIT / 60.0)
 
 
-def _serve(app, settings):
-    """`idverify serve`'s uvicorn configuration on a free port, in a thread; (base URL, stop)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=sock.getsockname()[1],
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    end = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < end, "uvicorn did not start"
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
-
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
-
-
-def test_random_forwarded_for_gets_no_more_wrong_keys_through(db_url):
+def test_random_forwarded_for_gets_no_more_wrong_keys_through(db_url, live_server):
     """300 wrong keys, each with a new key prefix and a random X-Forwarded-For, from one local
     process, against the server as `idverify serve` runs it."""
     settings = Settings(database_url=db_url, auth_failures_per_minute=LIMIT)
-    base, stop = _serve(create_app(settings, models=UnusedModels()), settings)
-    try:
-        with httpx.Client(base_url=base, timeout=30) as http:
-            t0 = time.monotonic()
-            codes = [http.get("/audit", headers={"X-API-Key": _wrong_key(), "X-Forwarded-For": _random_address()})
-                     .status_code for _ in range(300)]
-            elapsed = time.monotonic() - t0
-    finally:
-        stop()
+    base = live_server(create_app(settings, models=UnusedModels()), settings)
+    with httpx.Client(base_url=base, timeout=30) as http:
+        t0 = time.monotonic()
+        codes = [http.get("/audit", headers={"X-API-Key": _wrong_key(), "X-Forwarded-For": _random_address()})
+                 .status_code for _ in range(300)]
+        elapsed = time.monotonic() - t0
     assert codes[:LIMIT] == [401] * LIMIT and codes[LIMIT] == 429
     assert codes.count(401) <= _allowed(elapsed) and codes.count(401) + codes.count(429) == 300, codes
 
