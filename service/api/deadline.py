@@ -7,11 +7,12 @@ that, new calls are answered 503 `busy` at once), and `AnswerDeadline` makes sur
 writes then says the call was not answered (rejected, `deadline_exceeded`), never a decision.
 
 The record and the answer agree by request id. A record commits with a decision only through
-`begin_commit` (refused once the deadline has passed) and the route answers with the decision
-only when `abandon` finds it committed; on PostgreSQL the server also refuses, at commit, a
-record of a transaction held past the deadline (migration 0005). What no client can know is a
-COMMIT the server had already accepted when it stopped: that record, should it land later, is
-logged as an error with its request id (docs/operations.md).
+`begin_commit` (refused from `commit_by`, a margin before the deadline) and the route answers
+with the decision only when `abandon` finds it committed; on PostgreSQL the server also refuses,
+at COMMIT, a record whose transaction is past `commit_by` (migration 0005), so a COMMIT held up
+by a stopped server or a held packet does not land. What no client can know is a COMMIT the
+server had accepted and was writing when it stopped: that record, should it land after its
+caller was answered 503, is logged as an error with its request id (docs/operations.md).
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ import threading
 import time
 
 from service.errors import ApiError, deadline_exceeded
+from service.records.engine import is_outage
 
 log = logging.getLogger("idverify.verify")
 
 COMMIT_GRACE_SECONDS = 0.25  # a record whose COMMIT is under way at the deadline gets this much longer
+COMMIT_MARGIN_SECONDS = 1.0  # records commit at the latest this long before the deadline (a quarter of a short one)
 
 
 class AnswerDeadline:
@@ -36,6 +39,8 @@ class AnswerDeadline:
         self.request_id = request_id
         self.clock = clock
         self.at = clock() + seconds
+        # a COMMIT accepted by then has the margin to come back before the caller is answered
+        self.commit_by = self.at - min(COMMIT_MARGIN_SECONDS, seconds / 4)
         self.state = "open"
         self._lock = threading.Lock()
 
@@ -48,6 +53,10 @@ class AnswerDeadline:
     def error(self) -> ApiError:
         return deadline_exceeded(self.seconds)
 
+    def commit_remaining(self) -> float:
+        """Seconds left to commit the record with the call's outcome (the server is told too)."""
+        return self.commit_by - self.clock()
+
     def check(self) -> None:
         """Between stages: past the deadline, the call goes no further (ApiError deadline_exceeded)."""
         if self.passed():
@@ -57,7 +66,7 @@ class AnswerDeadline:
 
     def begin_commit(self) -> bool:
         with self._lock:
-            if self.state == "abandoned" or self.remaining() <= 0:
+            if self.state == "abandoned" or self.commit_remaining() <= 0:
                 return False
             self.state = "committing"
             return True
@@ -102,7 +111,12 @@ class Unanswered:
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None and not isinstance(exc, ApiError):
+        if exc is None or isinstance(exc, ApiError):
+            return
+        if is_outage(exc):   # e.g. authentication reached a database that was still away
+            log.warning("an unanswered /verify call ended without a record: database unavailable (%s)",
+                        (str(exc).splitlines() or [exc.__class__.__name__])[0][:200])
+        else:
             log.error("work of an unanswered /verify call failed", exc_info=exc)
 
     async def drain(self, timeout: float) -> int:

@@ -143,7 +143,7 @@ def append(engine: Engine, guard: Any = None, **columns: Any) -> AuditRecord:
         with write_session(engine) as s:
             _lock_chain(s)
             if guard is not None:
-                _answer_by(s, max(0.0, guard.remaining()))
+                _answer_by(s, max(0.0, guard.commit_remaining()))
             head = s.execute(select(AuditRecord.seq, AuditRecord.record_hash)
                              .order_by(AuditRecord.seq.desc()).limit(1)).first()
             record.seq = head.seq + 1 if head else 1

@@ -99,7 +99,7 @@ class SlowCommit(AnswerDeadline):
 
     def begin_commit(self) -> bool:
         allowed = super().begin_commit()
-        time.sleep(self.remaining() + 0.3)
+        time.sleep(self.commit_remaining() + 0.3)
         return allowed
 
 
@@ -139,7 +139,7 @@ def test_postgresql_connections_carry_the_service_timeouts(pg_database_factory):
 
 # --- acceptance: a held table lock, then a stopped server, under 12 clients ------------------------
 
-def test_held_lock_and_stopped_server_under_load(private_pg, models, bundled_images, live_server):  # noqa: F811
+def test_held_lock_and_stopped_server_under_load(private_pg, models, bundled_images, live_server, caplog):  # noqa: F811
     url = private_pg.create_database("idv")
     migrate(url)
     engine = make_engine(url)
@@ -220,22 +220,29 @@ def test_held_lock_and_stopped_server_under_load(private_pg, models, bundled_ima
     for p in ("before", "after"):
         assert any(a[1] == 200 for a in by_phase[p]), summary
 
-    # rows and answers reconcile by request id
+    # rows and answers reconcile by request id. The one case no client can settle (a COMMIT the
+    # server had accepted and was writing when it was stopped, landing after the caller got 503)
+    # must be one the service reported, by request id
+    flagged = {r.args[0] for r in caplog.records if "committed after its caller" in str(r.msg)}
     records = {r.id: r for r in _all_records(engine)}
     answered = {a[3]: a for a in answers}
+    unsettled = []
     for request_id, a in answered.items():
         record = records.get(request_id)
         if a[1] == 200:
             assert record is not None and (record.decision, record.score) == (a[4], a[5]), a
+        elif record is not None and request_id in flagged:
+            unsettled.append(request_id)
         elif record is not None:   # a 503 with a record: never a decision, and the answer's code
             assert (record.decision, record.error_code) == ("rejected", a[2]), (a, record.decision)
     decided = [r for r in records.values() if r.decision != "rejected"]
-    assert all(answered.get(r.id, (None, None))[1] == 200 for r in decided), "a decision no caller saw"
+    assert all(answered.get(r.id, (None, None))[1] == 200 or r.id in flagged for r in decided), \
+        "a decision no caller saw"
     late = [r for r in records.values() if r.error_code == "deadline_exceeded"]
     assert audit.verify_chain(engine).ok
     engine.dispose()
     print(f"\n{len(answers)} answers, slowest {slowest:.2f} s; {summary}; {len(records)} records, "
-          f"{len(late)} written as not answered")
+          f"{len(late)} written as not answered, {len(unsettled)} committed while the server stopped")
 
 
 def _all_records(engine):
