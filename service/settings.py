@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     db_pool_timeout_seconds: float = 5.0    # waiting for a pooled connection (PostgreSQL)
     readyz_timeout_seconds: float = 2.0     # /readyz is not ready when a database round trip takes longer
 
-    # --- throttles shared by workers and replicas (docs/security.md, "Throttles") -----------------
+    # --- throttles shared by workers and replicas (docs/operations.md, "Throttles") --------------
     # X-Forwarded-For is used only when the peer is one of these (comma-separated addresses or
     # CIDR networks, e.g. "10.0.0.0/8,127.0.0.1"); empty = never (the default)
     trusted_proxies: str = ""

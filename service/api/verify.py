@@ -5,7 +5,8 @@ Top to bottom: authenticate -> authorise -> rate-limit -> read the request -> an
 deadline (service/api/deadline.py). A `VerifyAttempt`
 collects what each stage saw; the audit record and the answer are both built from it. Every
 call made with a valid key writes exactly one audit record (match, no_match or rejected),
-committed before the answer leaves. The key is checked before the body is read, so anonymous
+committed before the answer leaves; a call answered 503 at its deadline gets its record when
+the database lets it, as rejected (deadline_exceeded), never with a decision. The key is checked before the body is read, so anonymous
 callers never get their uploads read or parsed.
 """
 from __future__ import annotations
