@@ -19,15 +19,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import logsafe, threads
 from service.api import openapi
+from service.api.deadline import Unanswered
 from service.records import keys
 from service.records.engine import OUTAGE_ERRORS, make_engine, schema_is_current
 from service.errors import INVALID_REQUEST, MISSING_FIELD, ApiError, database_unavailable
 from service.metrics import Metrics, MetricsMiddleware
 from service.middleware import AccessLog, BodyDeadline, CatchAll, SecurityHeaders
-from service.ratelimit import FailureThrottle, RateLimiter
+from service.proxies import ClientAddress, TrustedProxies
+from service.ratelimit import FailureThrottle, RateLimiter, make_store
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("idverify.app")
+ANYIO_THREADS = 40   # anyio's default worker threads (IDV_THREADPOOL_SIZE=0)
 
 
 def load_models(settings: Settings):
@@ -43,7 +46,7 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
     """`models`: already loaded (and warmed) models (service.face.loader.Models) to use instead
     of loading them at start-up, e.g. one set shared by many apps in the tests."""
     settings = settings or get_settings()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,6 +64,8 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
         try:
             yield
         finally:
+            # calls answered at their deadline still write their records, if the database lets them
+            await app.state.unanswered.drain(timeout=max(1.0, settings.db_lock_timeout_seconds))
             engine.dispose()
 
     app = FastAPI(title="idverify", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,  # openapi.install
@@ -76,14 +81,19 @@ def create_app(settings: Settings | None = None, models=None) -> FastAPI:
     log.info("decision policy: %s", app.state.policy.describe())
     app.state.engine = engine
     app.state.models = models
-    app.state.limiter = RateLimiter(settings.rate_limit_per_minute)
-    app.state.auth_throttle = FailureThrottle(settings.auth_failures_per_minute)
+    store = make_store(settings.rate_limit_store)   # in-process, or shared by every worker and replica
+    app.state.limiter = RateLimiter(settings.rate_limit_per_minute, store)
+    app.state.auth_throttle = FailureThrottle(settings.auth_failures_per_minute, store)
     app.state.metrics = Metrics()
+    # /verify calls answered at their deadline whose work still runs (at most one per worker thread)
+    app.state.unanswered = Unanswered(settings.threadpool_size or ANYIO_THREADS)
     app.add_middleware(BodyDeadline, seconds=settings.body_timeout_seconds)
     app.add_middleware(CatchAll)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(SecurityHeaders)
-    app.add_middleware(AccessLog)   # outermost: one line per request, whatever answered it
+    app.add_middleware(AccessLog)   # one line per request, whatever answered it (with the client's address as
+    # ClientAddress, outside it, has set it)
+    app.add_middleware(ClientAddress, proxies=TrustedProxies(settings.trusted_proxies))   # outermost
     _error_handlers(app)
 
     from service.api import admin, audit, health, verify

@@ -55,3 +55,15 @@ def database_unavailable() -> ApiError:
     err = ApiError(DATABASE_UNAVAILABLE, "the database is unavailable; retry shortly", None, status=503)
     err.headers = {"Retry-After": "2"}
     return err
+
+
+# --- bounded waits ---------------------------------------------------------------------------
+DEADLINE_EXCEEDED = "deadline_exceeded"
+
+
+def deadline_exceeded(seconds: float) -> ApiError:
+    """503 deadline_exceeded with Retry-After: the call was not answered with a decision in time."""
+    err = ApiError(DEADLINE_EXCEEDED, f"no answer within {seconds:g} s (the database or the service is slow); "
+                   "retry shortly", None, status=503)
+    err.headers = {"Retry-After": "2"}
+    return err

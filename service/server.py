@@ -124,9 +124,11 @@ def uvicorn_config(app, settings, **kw):
     several = int(kw.get("workers") or 1) > 1
     http = "service.server:WorkerH11Protocol" if several else protocol_for(settings, raise_descriptor_limit())
     kw.setdefault("access_log", False)
+    # proxy_headers off: X-Forwarded-For is believed only from IDV_TRUSTED_PROXIES (service/proxies.py),
+    # not from any local process as uvicorn's default would
     return uvicorn.Config(
         app, http=http, timeout_keep_alive=settings.keep_alive_seconds,
-        h11_max_incomplete_event_size=settings.max_header_bytes, backlog=1024, **kw)
+        h11_max_incomplete_event_size=settings.max_header_bytes, backlog=1024, proxy_headers=False, **kw)
 
 
 class LogThrottle(logging.Filter):

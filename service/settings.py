@@ -96,6 +96,27 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
 
 
+    # --- bounded waits (docs/operations.md, "Bounded waits") -----------------------------------
+    # /verify answers within this of its start; past it, 503 deadline_exceeded (Retry-After) and
+    # the call's record, written when the database lets it, says so (never match/no_match)
+    request_deadline_seconds: float = Field(20.0, gt=0)
+    # PostgreSQL, set by the service on each connection (0 = the server's own setting)
+    db_statement_timeout_seconds: float = 10.0
+    db_lock_timeout_seconds: float = 5.0
+    db_idle_in_transaction_timeout_seconds: float = 30.0
+    db_connect_timeout_seconds: int = 5     # a new connection (PostgreSQL)
+    db_pool_timeout_seconds: float = 5.0    # waiting for a pooled connection (PostgreSQL)
+    readyz_timeout_seconds: float = 2.0     # /readyz is not ready when a database round trip takes longer
+
+    # --- throttles shared by workers and replicas (docs/operations.md, "Throttles") --------------
+    # X-Forwarded-For is used only when the peer is one of these (comma-separated addresses or
+    # CIDR networks, e.g. "10.0.0.0/8,127.0.0.1"); empty = never (the default)
+    trusted_proxies: str = ""
+    # where the key-guessing throttle and the per-key rate limit keep their state: empty = in
+    # this process; redis://host:port/db = shared by every worker and replica
+    rate_limit_store: str = ""
+
+
 # never printed (`idverify config` masks them) nor logged
 SECRETS = ("bootstrap_admin_key", "key_pepper", "metrics_token", "image_key")
 

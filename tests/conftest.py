@@ -244,7 +244,8 @@ def lfw_pairs(lfw) -> dict[str, tuple[Path, Path]]:
 
 @pytest.fixture
 def live_server():
-    """start(app) -> base URL of a real uvicorn server for `app` on a free port (in a thread)."""
+    """start(app, settings=None) -> base URL of a real uvicorn server for `app` on a free port (in
+    a thread); with `settings`, configured as `idverify serve` does (service.server.uvicorn_config)."""
     import socket
     import threading
     import time
@@ -253,12 +254,16 @@ def live_server():
 
     running = []
 
-    def start(app) -> str:
+    def start(app, settings=None) -> str:
+        from service.server import uvicorn_config
+
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        where = {"host": "127.0.0.1", "port": port, "log_level": "warning"}
+        server = uvicorn.Server(uvicorn.Config(app, **where) if settings is None else
+                                uvicorn_config(app, settings, **where))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         deadline = time.monotonic() + 60

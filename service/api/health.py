@@ -1,11 +1,13 @@
-"""GET /healthz (the process answers), /readyz (database reachable, models loaded and warm),
+"""GET /healthz (the process answers), /readyz (database answering in time, models loaded and warm),
 /metrics (Prometheus text)."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from service.api.schemas import HealthAnswer, ReadyAnswer
 from service.errors import UNAUTHORIZED, ApiError
@@ -19,12 +21,28 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
+# what /readyz asks the database: the audit chain's head, the read every /verify record starts
+# with (so a lock held on the audit table is noticed, not only a server that does not answer)
+READY_QUERY = "SELECT max(seq) FROM audit_records"
+
+
+async def database_answers(state) -> bool:
+    """Did a database round trip finish within IDV_READYZ_TIMEOUT_SECONDS? One at a time: while
+    an earlier one still hangs (a stopped server), later checks wait on it instead of starting
+    more threads that would hang too."""
+    pending = getattr(state, "ready_ping", None)
+    if pending is None or pending.done():
+        pending = state.ready_ping = asyncio.ensure_future(run_in_threadpool(ping, state.engine, READY_QUERY))
+    done, _ = await asyncio.wait({pending}, timeout=state.settings.readyz_timeout_seconds)
+    return bool(done) and pending.result()
+
+
 @router.get("/readyz", response_model=ReadyAnswer, responses={503: {"model": ReadyAnswer}})
-def readyz(request: Request) -> JSONResponse:
+async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     models = state.models
     checks = {
-        "database": ping(state.engine),
+        "database": await database_answers(state),
         "models": models is not None,
         "warm": bool(models is not None and getattr(models, "warm", True)),
     }

@@ -235,7 +235,7 @@ async def login(request: Request) -> Response:
     key: ApiKey | None = None
     idents = state.auth_throttle.idents(request.client.host if request.client else None,
                                         plaintext.strip() if isinstance(plaintext, str) else None)
-    wait = state.auth_throttle.wait(idents)
+    wait = await run_in_threadpool(state.auth_throttle.wait, idents)   # the store may be Redis
     if wait:
         del plaintext
         log.info("console sign-in throttled")
@@ -247,7 +247,7 @@ async def login(request: Request) -> Response:
         key = await run_in_threadpool(keys.lookup, state.engine, plaintext.strip(), state.settings.key_pepper)
     del plaintext
     if key is None:
-        state.auth_throttle.failed(idents)
+        await run_in_threadpool(state.auth_throttle.failed, idents)
         log.info("console sign-in refused: unknown or revoked key")
         return _login_page(request, 401, "That key is not valid (unknown or revoked).", form.get("next"))
     remember_caller(request, key)

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 import numpy as np
-from sqlalchemy import Engine, Select, and_, or_, select, text
+from sqlalchemy import Engine, Select, and_, exc as sa_exc, or_, select, text
 from sqlalchemy.orm import Session
 
 from service.records.engine import read_session, write_session
@@ -30,6 +30,8 @@ GENESIS = "0" * 64
 MAX_SEQ = 2**63 - 1   # BIGINT
 # pg_advisory_xact_lock key for chain appends (any constant unique to this purpose)
 CHAIN_LOCK_ID = 0x1D5E_A0D1
+# SQLSTATE of the PostgreSQL trigger that refuses a record committing past its answer deadline
+ANSWER_LATE_SQLSTATE = "IDV01"
 # Fields covered by record_hash. The image-retention columns are deliberately not.
 HASHED_FIELDS = (
     "id", "seq", "created_at", "key_id", "device_id", "reference", "decision", "score",
@@ -117,20 +119,53 @@ def _lock_chain(session: Session) -> None:
     # SQLite: write_session already holds the database write lock (BEGIN IMMEDIATE)
 
 
-def append(engine: Engine, **columns: Any) -> AuditRecord:
+class AnswerLate(Exception):
+    """The call's answer deadline passed before its record could commit: nothing was written."""
+
+
+def _answer_by(session: Session, seconds: float) -> None:
+    """PostgreSQL: the commit-time trigger of migration 0007 refuses this transaction's record
+    once the server's clock is `seconds` past now (a commit held up by a stopped server)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT set_config('idv.answer_by', "
+                             "(clock_timestamp() + make_interval(secs => :s))::text, true)"), {"s": seconds})
+
+
+def append(engine: Engine, guard: Any = None, **columns: Any) -> AuditRecord:
     """Write one record at the head of the chain and commit it. `columns` are AuditRecord
-    columns other than seq, created_at, prev_hash and record_hash, which are set here."""
+    columns other than seq, created_at, prev_hash and record_hash, which are set here.
+
+    `guard` (a call's answer deadline, service/api/deadline.py): the record commits only while
+    its caller can still be answered with it; else AnswerLate and nothing is written. Checked
+    just before COMMIT (`guard.begin_commit()`), and on PostgreSQL again by the server at commit."""
     record = AuditRecord(**{k: jsonable(v) for k, v in columns.items()})
-    with write_session(engine) as s:
-        _lock_chain(s)
-        head = s.execute(select(AuditRecord.seq, AuditRecord.record_hash)
-                         .order_by(AuditRecord.seq.desc()).limit(1)).first()
-        record.seq = head.seq + 1 if head else 1
-        record.prev_hash = head.record_hash if head else GENESIS
-        record.created_at = datetime.now(timezone.utc)
-        record.images_retained = False
-        record.record_hash = compute_hash(record)
-        s.add(record)
+    committing = False
+    try:
+        with write_session(engine) as s:
+            _lock_chain(s)
+            if guard is not None:
+                _answer_by(s, max(0.0, guard.commit_remaining()))
+            head = s.execute(select(AuditRecord.seq, AuditRecord.record_hash)
+                             .order_by(AuditRecord.seq.desc()).limit(1)).first()
+            record.seq = head.seq + 1 if head else 1
+            record.prev_hash = head.record_hash if head else GENESIS
+            record.created_at = datetime.now(timezone.utc)
+            record.images_retained = False
+            record.record_hash = compute_hash(record)
+            s.add(record)
+            if guard is not None:
+                s.flush()
+                if not guard.begin_commit():
+                    raise AnswerLate(record.id)
+                committing = True
+    except BaseException as exc:
+        if committing:
+            guard.end_commit(False)
+            if isinstance(exc, sa_exc.DBAPIError) and getattr(exc.orig, "sqlstate", None) == ANSWER_LATE_SQLSTATE:
+                raise AnswerLate(record.id) from exc
+        raise
+    if committing:
+        guard.end_commit(True)
     return record
 
 

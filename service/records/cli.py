@@ -1,5 +1,6 @@
 """`idverify audit verify`: walk the audit hash chain and name the first broken record.
-`idverify audit purge`: delete retained images past IDV_RETENTION_DAYS (service/records/retention.py).
+`idverify audit purge`: delete retained images past IDV_RETENTION_DAYS and their data keys
+(service/records/retention.py); exit 1 when the deleted keys could not be scrubbed from the files.
 `idverify audit image-key`: print a new key for IDV_IMAGE_KEY."""
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def _cmd_purge(args) -> int:
     if days < 0:
         print("--days must be >= 0")
         return 2
-    engine = make_engine(args.database_url or settings.database_url)
+    engine = make_engine(args.database_url or settings.database_url, settings)
     try:
         result = retention.purge(engine, days, dry_run=args.dry_run)
     finally:
@@ -55,6 +56,14 @@ def _cmd_purge(args) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{verb} {result.images} retained images of {result.records} records stored before "
           f"{result.cutoff:%Y-%m-%d %H:%M:%S} UTC ({days} days); audit records and hashes are kept")
+    if args.dry_run:
+        return 0
+    print(f"deleted {result.keys} image data keys: what is left of those images in the database files "
+          "cannot be decrypted")
+    if result.unscrubbed:
+        print(f"WARNING: the deleted keys may still be readable in the database files ({result.unscrubbed}); "
+              "run the purge again")
+        return 1
     return 0
 
 

@@ -38,7 +38,9 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, settings=None) -> Engine:
+    """`settings`: the service's (IDV_DB_* waits). Without them (migrations, tests, tools) the
+    PostgreSQL server's own statement, lock and idle-in-transaction timeouts apply."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
         database = make_url(url).database
@@ -47,10 +49,23 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         _sqlite_transactions(engine)
         return engine
-    # a restarting server must not hold callers for long: connect within 5 s, a pooled
-    # connection within 10 s, else 503 database_unavailable
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, pool_timeout=10,
-                         connect_args={"connect_timeout": 5})
+    # a restarting server must not hold callers for long: connect within IDV_DB_CONNECT_TIMEOUT_SECONDS,
+    # a pooled connection (checked before use) within IDV_DB_POOL_TIMEOUT_SECONDS, else 503
+    # database_unavailable; a held lock or a runaway statement ends at the server's timeouts
+    connect_args: dict = {"connect_timeout": settings.db_connect_timeout_seconds if settings else 5}
+    if settings is not None and (options := server_timeouts(settings)):
+        connect_args["options"] = options
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10,
+                         pool_timeout=settings.db_pool_timeout_seconds if settings else 10, connect_args=connect_args)
+
+
+def server_timeouts(settings) -> str:
+    """libpq `options` setting statement_timeout, lock_timeout and idle_in_transaction_session_timeout
+    (milliseconds; a setting of 0 leaves the server's own)."""
+    pairs = (("statement_timeout", settings.db_statement_timeout_seconds),
+             ("lock_timeout", settings.db_lock_timeout_seconds),
+             ("idle_in_transaction_session_timeout", settings.db_idle_in_transaction_timeout_seconds))
+    return " ".join(f"-c {name}={max(1, round(seconds * 1000))}" for name, seconds in pairs if seconds > 0)
 
 
 def _sqlite_transactions(engine: Engine) -> None:
@@ -64,6 +79,7 @@ def _sqlite_transactions(engine: Engine) -> None:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA secure_delete=ON")   # deleted rows are zeroed, not left in free space (retention.purge)
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -85,10 +101,10 @@ def read_session(engine: Engine) -> Iterator[Session]:
         yield session
 
 
-def ping(engine: Engine) -> bool:
+def ping(engine: Engine, statement: str = "SELECT 1") -> bool:
     try:
         with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+            conn.execute(text(statement))
         return True
     except Exception as exc:  # noqa: BLE001 - readiness reports any failure as "not ready"
         log.warning("database not reachable: %s", exc)

@@ -1,5 +1,5 @@
-"""Every database table (SQLAlchemy 2, typed): keys, audit records, retained images, console
-sessions. The schema is created and changed only by the Alembic migrations in
+"""Every database table (SQLAlchemy 2, typed): keys, audit records, retained images and their
+keys, console sessions. The schema is created and changed only by the Alembic migrations in
 migrations/versions; keep both in step."""
 from __future__ import annotations
 
@@ -95,6 +95,16 @@ class RetainedImage(Base):
     side: Mapped[str] = mapped_column(String(8), primary_key=True)          # id | live
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class ImageKey(Base):
+    """A record's own data key for its retained images, wrapped by IDV_IMAGE_KEY; deleted by
+    purge (service/records/retention.py). Created by migration 0007 (UNLOGGED on PostgreSQL)."""
+    __tablename__ = "image_keys"
+
+    audit_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class ConsoleSession(Base):

@@ -68,6 +68,12 @@ def _blobs(engine, audit_id: str) -> dict[str, bytes]:
     return {side: bytes(blob) for side, blob in rows}
 
 
+def _wrapped_key(engine, audit_id: str) -> bytes:
+    with engine.connect() as conn:
+        return bytes(conn.execute(text("SELECT wrapped_key FROM image_keys WHERE audit_id = :id"),
+                                  {"id": audit_id}).scalar_one())
+
+
 # --- configuration ----------------------------------------------------------------------------
 
 def test_refuses_to_start_with_retention_on_and_no_usable_key(tmp_path):
@@ -97,25 +103,35 @@ def test_retained_images_are_encrypted_at_rest(retaining_client, engine, role_ke
     audit_id = _verify(client, role_keys["kiosk"], photos)
     blobs = _blobs(engine, audit_id)
     assert set(blobs) == {"id", "live"}
+    wrapped = _wrapped_key(engine, audit_id)
     for side, blob in blobs.items():
         plain = photos[side]
         assert blob != plain
         assert not blob.startswith(JPEG_MAGIC) and not blob.startswith(PNG_MAGIC)
         assert JPEG_MAGIC + b"\xe0" not in blob and b"JFIF" not in blob and b"IHDR" not in blob
         assert plain[100:164] not in blob  # no stretch of the image survives in the clear
-        # readable with the key, and only for this record and side
+        # under the record's own data key, which only IDV_IMAGE_KEY unwraps, and only for this
+        # record; the blob only for this record and side
         cipher = retention.ImageCipher(KEY)
-        assert cipher.decrypt(blob, audit_id, side) == plain
+        assert blob.startswith(retention.MAGIC_V2)
+        data_key = cipher.unwrap(wrapped, audit_id)
+        assert cipher.decrypt(blob, audit_id, side, data_key) == plain
         assert retention.load(engine, cipher, audit_id, side) == plain
         with pytest.raises(retention.ImageDecryptError):
-            retention.ImageCipher(retention.generate_key()).decrypt(blob, audit_id, side)
+            cipher.decrypt(blob, audit_id, side)                       # not under IDV_IMAGE_KEY itself
         with pytest.raises(retention.ImageDecryptError):
-            cipher.decrypt(blob, "00000000-0000-0000-0000-000000000000", side)
+            retention.ImageCipher(retention.generate_key()).unwrap(wrapped, audit_id)
         with pytest.raises(retention.ImageDecryptError):
-            cipher.decrypt(blob, audit_id, "live" if side == "id" else "id")
-    # two encryptions of the same image differ (random nonce)
+            cipher.unwrap(wrapped, "00000000-0000-0000-0000-000000000000")
+        with pytest.raises(retention.ImageDecryptError):
+            cipher.decrypt(blob, "00000000-0000-0000-0000-000000000000", side, data_key)
+        with pytest.raises(retention.ImageDecryptError):
+            cipher.decrypt(blob, audit_id, "live" if side == "id" else "id", data_key)
+    # two encryptions of the same image differ (random nonce); each record has its own data key
     assert retention.ImageCipher(KEY).encrypt(photos["id"], "a", "id") != retention.ImageCipher(KEY).encrypt(
         photos["id"], "a", "id")
+    other_id = _verify(client, role_keys["kiosk"], photos, reference="ret-2")
+    assert cipher.unwrap(_wrapped_key(engine, other_id), other_id) != data_key
 
     record = audit.get(engine, audit_id)
     assert record.images_retained is True
