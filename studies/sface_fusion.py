@@ -10,7 +10,7 @@ through the same on the live side; extended impostors = every cross-identity (ch
 among the folds' images; FTA = score -inf, i.e. rejected) and lfw (live/live, 10-fold accuracy).
 Both families share decode and detection (`Pipeline.prepare`, run once per item); the landmarks
 are aligned twice: to the dlib template (150 px, towers/dual-v2 id/live towers, flip-averaged as
-its manifest says) and to SFace's template (112 px, models/repository/sface/1, embedded plain and
+its manifest says) and to SFace's template (112 px, models/repository/sface/2, embedded plain and
 mirrored: `sface` is the plain crop, `sface_flip` the mean of the two unit vectors).
 
 Fusion (parameters fit on fold 8 only, reported on folds 9-10; nothing is tuned on 9-10):
@@ -43,7 +43,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "sface_study"
-SFACE_DIR = ROOT / "models" / "repository" / "sface" / "1"
+SFACE_DIR = ROOT / "models" / "repository" / "sface" / "2"
 DLIB_VERSION = "dual-v2"
 FIT_FOLD = 8
 TEST_FOLDS = (9, 10)

@@ -1,6 +1,6 @@
 """SFace (OpenCV Zoo face_recognition_sface_2021dec) in PyTorch, read from our ONNX graph.
 
-    net = from_onnx()                    # models/repository/sface/1/sface.onnx by default
+    net = from_onnx()                    # models/repository/sface/2/sface.onnx by default
     emb = net(preprocess(chips))         # chips: (N,112,112,3) RGB, uint8 or float 0..255
     to_onnx(net, "sface.onnx")           # back to the tower contract
 
@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_ONNX = ROOT / "models" / "repository" / "sface" / "1" / "sface.onnx"
+DEFAULT_ONNX = ROOT / "models" / "repository" / "sface" / "2" / "sface.onnx"
 SIZE = 112
 DIM = 128
 MEAN = 127.5        # the graph's _minusscalar0; checked on load
@@ -323,7 +323,7 @@ def from_onnx(path: str | Path = DEFAULT_ONNX) -> SFaceNet:
 
 def to_onnx(net: SFaceNet, path: str | Path) -> Path:
     """Export ``net`` as a tower: input ``image`` float32 NHWC (N,112,112,3) RGB 0..255,
-    output ``embedding`` float32 (N,128), dynamic batch (models/repository/sface/1's contract)."""
+    output ``embedding`` float32 (N,128), dynamic batch (models/repository/sface/2's contract)."""
     from models.build.export_towers import export_onnx
 
     tower = SFaceTower(copy.deepcopy(net).cpu().eval())

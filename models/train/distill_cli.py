@@ -58,6 +58,11 @@ def register(sub) -> None:
     p.add_argument("--from-pack", default=None, metavar="FILE", help="train from a pack instead of the store")
     p.add_argument("--probe", action="store_true", help="write the run's unit map (fold 8) after training")
     p.add_argument("--export", default=None, metavar="VERSION", help="export the best id tower + centred live tower")
+    p.add_argument("--export-from", default=None, metavar="RUN",
+                   help="export RUN's best weights (with --export VERSION) without training")
+    p.add_argument("--centring", choices=("graph", "service"), default="graph",
+                   help="with --export: the centring in both graphs, or applied by the service with the base "
+                        "version's own live file (no second copy of the pretrained network)")
     for k, v in DEFAULTS.items():
         flag = f"--{k.replace('_', '-')}"
         if isinstance(v, bool):
@@ -100,6 +105,14 @@ def run_distill(args: argparse.Namespace) -> int:
     from models.train import distill
     from models.train.distill_family import FamilyUnavailable, get
     family = get(args.family)
+    if args.export_from:
+        if not args.export:
+            raise SystemExit("--export-from RUN needs --export VERSION")
+        from models.train.distill_export import export
+        man = export(Path(args.export_from), args.export, family, centring_in_graph=args.centring == "graph")
+        print(f"exported {family.base[0]}/{args.export}: id {man['towers']['id']['sha256'][:12]}, "
+              f"live {man['towers']['live']['sha256'][:12]}")
+        return 0
     if args.resume:
         run = Path(args.resume)
         cfg = json.loads((run / "config.json").read_text())
@@ -140,7 +153,7 @@ def run_distill(args: argparse.Namespace) -> int:
         distill.log(f"[distill] unit map written; scoring mask {pr['scoring']['use_mask']}")
     if args.export:
         from models.train.distill_export import export
-        man = export(run, args.export, family)
+        man = export(run, args.export, family, centring_in_graph=args.centring == "graph")
         if man["training"]["step"] == 0:
             distill.log("[distill] the best fold-8 evaluation is step 0: the exported id tower is the pretrained network")
         distill.log(f"[distill] exported {family.base[0]}/{args.export}: id {man['towers']['id']['sha256'][:12]}, "

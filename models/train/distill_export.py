@@ -16,6 +16,7 @@ probe : unit_map.json + unit_map.png in the run (`probe.write_unit_map`): fold-8
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,13 @@ def data_terms(cfg: dict) -> list[str]:
     return [LFW_TERMS] + ([UTK_TERMS] if cfg.get("utk", True) else [])
 
 
-def export(run: Path, version: str, family: Family, models_dir: Path = REPOSITORY, weights: str = "best.pt") -> dict:
-    """`weights`: best.pt (the best fold-8 evaluation, the default) or checkpoint.pt (the last step)."""
+def export(run: Path, version: str, family: Family, models_dir: Path = REPOSITORY, weights: str = "best.pt",
+           centring_in_graph: bool = True) -> dict:
+    """`weights`: best.pt (the best fold-8 evaluation, the default) or checkpoint.pt (the last step).
+    `centring_in_graph` False: `id.onnx` is the raw student, the live tower is the base version's
+    own file (the pretrained network, byte for byte: no second copy in the repository), and the
+    service applies the centring to both (the manifest's `centring.in_graph` false,
+    service.face.embed.Tower `centre`); the scores are the same."""
     from models.build.export_towers import OPSET, sha256_file
     from models.train.export import Masked, write_onnx
     run = Path(run)
@@ -62,7 +68,12 @@ def export(run: Path, version: str, family: Family, models_dir: Path = REPOSITOR
     size, dim = int(base["template"]["size"]), int(base["output"]["dim"])
     towers, diffs = {}, {}
     for side, net in (("id", student), ("live", teacher)):
-        m = Centred(net, mu).eval()
+        if not centring_in_graph and side == "live" and mask is None:
+            base_file = Path(models_dir) / name / family.base[1] / base["towers"]["live"]["file"]
+            shutil.copyfile(base_file, out / base_file.name)
+            towers[side] = {"file": base_file.name, "sha256": sha256_file(out / base_file.name)}
+            continue
+        m = Centred(net, mu).eval() if centring_in_graph else net.eval()
         diffs[side] = write_onnx(Masked(m, mask).eval() if mask is not None else m, out / f"{side}.onnx", size=size, dim=dim)
         towers[side] = {"file": f"{side}.onnx", "sha256": sha256_file(out / f"{side}.onnx")}
     man = {k: v for k, v in base.items() if k not in ("export_check", "calibration_sha256", "metrics", "training")}
@@ -70,8 +81,12 @@ def export(run: Path, version: str, family: Family, models_dir: Path = REPOSITOR
     man["description"] = (f"chip-adapted id tower distilled from the pretrained {family.name} network (frozen teacher = "
                           f"the live tower, pretrained {name}:{family.base[1]} + a fixed centring); see docs/training.md")
     man["output"] = {**base["output"], "normalised": False,
-                     "note": "normalize(raw embedding) - mu (the centring, in the graph of both towers); compare by cosine"}
-    man["centring"] = {"in_graph": True, "mu": np.round(mu.astype(np.float64), 8).tolist(),
+                     "note": ("normalize(raw embedding) - mu (the centring, in the graph of both towers); compare by cosine"
+                              if centring_in_graph else "raw embeddings; the service makes them normalize(e) - mu "
+                              "(`centring`) on both sides; compare by cosine")}
+    if not centring_in_graph and mask is not None:
+        raise SystemExit("a scoring mask needs the centring in the graph (centring_in_graph=True)")
+    man["centring"] = {"in_graph": centring_in_graph, "mu": np.round(mu.astype(np.float64), 8).tolist(),
                        "space": "cos' = cos(normalize(normalize(e) - mu), ...); mu = mean teacher unit embedding of the bank",
                        "teacher_cos_thresholds": space["thresholds"]}
     man["source"] = {**base.get("source", {}), "converter": "models/train/distill.py + models/build/export_towers.export_onnx",

@@ -64,6 +64,17 @@ def flip_average(manifest: dict, side: str) -> bool:
     return bool(flip.get(side, False)) if isinstance(flip, dict) else bool(flip)
 
 
+def centring(manifest: dict):
+    """The mean embedding the service subtracts from every normalised output of both towers
+    (`centring.mu` with `in_graph` false), or None (no centring, or the graphs do it)."""
+    c = manifest.get("centring") or {}
+    if not c or c.get("in_graph", True):
+        return None
+    import numpy as np
+
+    return np.asarray(c["mu"], np.float32)
+
+
 def artifact_calibration(manifest: dict, folder: Path) -> list[dict]:
     """The manifest's calibration table: a file beside it (`calibration.json`), inline, or none."""
     cal = manifest.get("calibration")
@@ -106,14 +117,17 @@ def load_towers(models_dir: Path, name: str, version: str, providers: list[str],
     if make_tower is not None:
         size = int(manifest["template"]["size"])
         made = {side: make_tower(side, paths[side], flip[side], size) for side in ("id", "live")}
+        for tower in made.values():
+            tower.centre = centring(manifest)
         return Towers(id=made["id"], live=made["live"], manifest=manifest, folder=folder)
     fold = bool((manifest.get("runtime") or {}).get("fold_dequantize", False))
+    centre = centring(manifest)
     built: dict[tuple[Path, bool], Tower] = {}
     sessions: dict[Path, object] = {}
     for side, p in paths.items():  # identical files share one session; identical options one tower
         if (p, flip[side]) not in built:
             built[(p, flip[side])] = Tower(p, providers, threads, flip_average=flip[side], fold_dequantize=fold,
-                                           session=sessions.get(p))
+                                           session=sessions.get(p), centre=centre)
             sessions[p] = built[(p, flip[side])].session
     return Towers(id=built[(paths["id"], flip["id"])], live=built[(paths["live"], flip["live"])],
                   manifest=manifest, folder=folder)

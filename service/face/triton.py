@@ -49,6 +49,7 @@ class TritonTower(Tower):
         self.client, self.model, self.timeout_s = client, model, timeout_s
         self.path = None
         self.flip_average = flip_average
+        self.centre = None   # load_towers sets the artifact's centring
         self.session = _Remote(model, url)
         self.input_name, self.output_name = INPUT, OUTPUT
 

@@ -1,7 +1,7 @@
-"""The served SFace tower (models/repository/sface/2: the int8bq file, its DequantizeLinear
-weights folded when the session opens, `runtime.fold_dequantize`) is what its manifest says and
-computes what OpenCV's FaceRecognizerSF computes; sface/1 (the same file, dequantising at every
-call) computes the same embeddings.
+"""SFace as exported (models/repository/sface/2: the int8bq file, its DequantizeLinear weights
+folded when the session opens, `runtime.fold_dequantize`; the pretrained network the served
+sface:3 keeps as its live tower) is what its manifest says and computes what OpenCV's
+FaceRecognizerSF computes; the same file dequantising at every call computes the same embeddings.
 
 - manifest: SHA-256 and size of sface.onnx, input/output spec, SFace's 112 px template;
 - ONNX contract: input `image` float32 (batch, 112, 112, 3), output `embedding` (batch, 128),
@@ -36,7 +36,6 @@ from service.face.artifacts import sha256_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 SFACE = ROOT / "models" / "repository" / "sface" / "2"
-SFACE1 = ROOT / "models" / "repository" / "sface" / "1"
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +53,14 @@ def session(manifest):
 
 
 def test_served_form_folds_the_weights_at_load_and_keeps_the_embeddings(manifest, session, faces, tmp_path):
-    """sface/2 is sface/1's file opened with its weights folded: the same embeddings (<= 1e-5) on
-    real crops, and the session holds no DequantizeLinear left to run at every call."""
+    """sface/2's file opened with its weights folded computes what it computes unfolded (<= 1e-5)
+    on real crops, and the session holds no DequantizeLinear left to run at every call."""
     from service.runtime import make_session
 
     assert manifest["runtime"] == {"fold_dequantize": True}
-    assert manifest["towers"]["id"]["sha256"] == json.loads((SFACE1 / "manifest.json").read_text())["towers"]["id"]["sha256"]
     template = np.asarray(manifest["template"]["points"], np.float32)
     chips = np.stack([align(img, lm, template, 112) for _, img, lm in faces]).astype(np.float32)
-    plain = make_session(SFACE1 / "sface.onnx", threads=1)
+    plain = make_session(SFACE / "sface.onnx", threads=1)
     np.testing.assert_allclose(session.run(None, {"image": chips})[0], plain.run(None, {"image": chips})[0],
                                atol=ex.PARITY_ATOL, rtol=0)
     so = ort.SessionOptions()

@@ -2,7 +2,7 @@
 
 - parity on real LFW faces (landmarks from our MTCNN, crops from service.align with SFace's
   template, and their mirror images): the module against onnxruntime running
-  models/repository/sface/1/sface.onnx, max |diff| <= 1e-5 of the embeddings' scale and
+  models/repository/sface/2/sface.onnx, max |diff| <= 1e-5 of the embeddings' scale and
   cosine >= 0.99999, before any training;
 - batch norm is folded: no BatchNorm, Dropout or buffers, so train() and eval() agree and a
   batch of chips changes nothing;
