@@ -13,6 +13,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, inspect
 
 from service import config_check
+from service.face.loader import load_models
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +35,7 @@ def test_a_refused_scoring_stops_serve_before_the_database_or_the_models(tmp_pat
         out = _idverify(command, env=env)
         assert out.returncode == 2, out
         lines = out.stderr.strip().splitlines()
-        assert lines == ["idverify: IDV_SCORING='fusion': input should be 'towers', 'sface' or 'fused'"], out.stderr
+        assert lines == ["idverify: IDV_SCORING='fusion': input should be 'fused', 'towers' or 'sface'"], out.stderr
         assert "Traceback" not in out.stderr and out.stdout == ""
         # nothing was created, let alone migrated; no model folder was looked at (it does not exist)
         assert not db.exists() and not db.parent.exists()
@@ -81,13 +82,14 @@ def test_config_prints_the_effective_settings_and_checks_them(tmp_path):
     out = _idverify("config", env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
-    assert "* IDV_FAR_TARGET=0.01" in lines and "  IDV_SCORING=towers" in lines and f"* IDV_DATABASE_URL={url}" in lines
+    assert "* IDV_FAR_TARGET=0.01" in lines and "  IDV_SCORING=fused" in lines and f"* IDV_DATABASE_URL={url}" in lines
     assert f"* IDV_KEY_PEPPER=(set, {len(secret)} characters, masked)" in lines and secret not in out.stdout
     assert "  IDV_BOOTSTRAP_ADMIN_KEY=(not set)" in lines
     assert "note: IDV_SCORRING is not an idverify setting (ignored)" in lines
     assert "  settings: ok" in lines and f"  database: ok, {url}, at the latest migration" in lines
     models = next(line for line in lines if line.startswith("  models: "))
-    assert models.startswith("  models: ok, towers:") and "threshold 0.8621" in models   # FAR 1e-2 row of the table
+    served = load_models(Settings(far_target=0.01))   # the default: the fusion, at the FAR 1e-2 row of its table
+    assert models.startswith(f"  models: ok, {served.model_version}") and f"threshold {served.threshold.score:.4f}" in models
     assert not any(line.startswith("error:") for line in lines)
 
     # the same with a refused value and a password in the URL: both named, the password hidden
@@ -98,7 +100,7 @@ def test_config_prints_the_effective_settings_and_checks_them(tmp_path):
     assert "* IDV_SCORING=fusion  <- refused, see below" in lines
     assert "* IDV_DATABASE_URL=postgresql+psycopg://idv:***@127.0.0.1:1/none" in lines
     errors = [line for line in lines if line.startswith("error: ")]
-    assert errors[0] == "error: IDV_SCORING='fusion': input should be 'towers', 'sface' or 'fused'"
+    assert errors[0] == "error: IDV_SCORING='fusion': input should be 'fused', 'towers' or 'sface'"
     assert errors[1].startswith("error: IDV_DATABASE_URL: cannot use the database at "
                                 "postgresql+psycopg://idv:***@127.0.0.1:1/none: ") and len(errors) == 2
 
@@ -137,7 +139,7 @@ def _tampered_repository(tmp: Path) -> Path:
 
 
 def test_model_check_runs_the_loader_and_names_the_variable(tmp_path):
-    models, problems = config_check.load_models(Settings(models_dir=_tampered_repository(tmp_path)))
+    models, problems = config_check.load_models(Settings(models_dir=_tampered_repository(tmp_path), scoring="towers"))
     assert models is None and len(problems) == 1
     assert problems[0].startswith("IDV_TOWER_VERSION: ") and "does not match manifest" in problems[0]
     assert config_check.load_models(Settings(models_dir=tmp_path / "nowhere"))[1] == [

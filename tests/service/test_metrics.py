@@ -62,23 +62,35 @@ def test_label_values_are_closed():
     assert {"same_image", "live_photo_replayed", "device_mismatch", "request_timeout"} <= OUTCOMES
 
 
-def test_model_info_and_scores_per_family(make_client, models, bundled_images, role_keys):
+@pytest.mark.parametrize("scoring", ["fused", "towers"])
+def test_model_info_and_scores_per_family(make_client, bundled_images, role_keys, scoring):
+    """One info series per served family (and the fusion, when it decides), each family's own
+    score counted once per decided pair, in the bucket at or above it."""
+    from conftest import reencoded
+    from service.face.loader import load_models
+    from service.settings import Settings
+
+    models = load_models(Settings(scoring=scoring))
     client = make_client(models)
     photo = (bundled_images / "Tom_Hanks_54745.png").read_bytes()
-    live = (bundled_images / "t1.jpg").read_bytes()   # a group photo
     r = client.post("/verify", headers={"X-API-Key": role_keys["kiosk"]},
-                    files={"id_photo": ("a.png", photo), "live_photo": ("b.jpg", live)})
+                    files={"id_photo": ("a.png", photo), "live_photo": ("b.jpg", reencoded(photo))})
     assert r.status_code == 200, r.text
     body = r.json()
-    family, version = body["model_version"].split(":", 1)
+    assert body["scoring"] == scoring
     text = client.get("/metrics").text
-    info = re.findall(r"^idverify_model_info\{(.*)\} (\S+)$", text, re.M)
-    assert info == [(f'family="{family}",scoring="{body["scoring"]}",version="{version}"', "1.0")], info
-    assert f'idverify_score_count{{family="{family}"}} 1.0' in text
-    # the score fell in its bucket: counted at the first bound at or above it, not below
-    below = [float(b) for b in re.findall(rf'idverify_score_bucket\{{family="{family}",le="([0-9.]+)"\}} 0\.0', text)]
-    assert below and max(below) < body["score"]
-    assert 'family="fused"' not in text
+    info = sorted(re.findall(r"^idverify_model_info\{(.*)\} (\S+)$", text, re.M))
+    want = [(f'family="{f}",scoring="{scoring}",version="{t.manifest["version"]}"', "1.0")
+            for f, t in models.pipeline.families.items()]
+    if scoring == "fused":
+        want.append((f'family="fused",scoring="fused",version="{models.pipeline.fusion.manifest["version"]}"', "1.0"))
+    assert info == sorted(want), info
+    for family, score in {**body["scores"], **({"fused": body["score"]} if scoring == "fused" else {})}.items():
+        assert f'idverify_score_count{{family="{family}"}} 1.0' in text
+        # the score fell in its bucket: counted at the first bound at or above it, not below
+        below = [float(b) for b in re.findall(rf'idverify_score_bucket\{{family="{family}",le="([0-9.]+)"\}} 0\.0', text)]
+        assert below and max(below) < score
+    assert ('family="fused"' in text) is (scoring == "fused")
 
 
 def test_metrics_without_models_register_no_family():

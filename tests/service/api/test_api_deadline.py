@@ -15,6 +15,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
+from conftest import reencoded
 from pg_cluster import private_pg  # noqa: F401 - fixture
 from service.api.deadline import AnswerDeadline
 from service.app import create_app
@@ -27,7 +28,7 @@ DEADLINE = 3.0
 
 def _photos(bundled_images):
     face = (bundled_images / "Tom_Hanks_54745.png").read_bytes()
-    return {"id_photo": ("a.png", face, "image/png"), "live_photo": ("b.png", face, "image/png")}
+    return {"id_photo": ("a.png", face, "image/png"), "live_photo": ("b.jpg", reencoded(face), "image/jpeg")}
 
 
 def _wait_for(predicate, seconds: float = 60.0) -> None:

@@ -26,8 +26,10 @@ def _current(repo: Path) -> Path:
 
 
 def test_loads_when_everything_matches(repo_copy):
-    models = load_models(Settings(models_dir=repo_copy))
+    models = load_models(Settings(models_dir=repo_copy, scoring="towers"))
     assert models.model_version.startswith("towers:") and models.threshold.far is not None
+    fused = load_models(Settings(models_dir=repo_copy))   # the default: both families and the fusion
+    assert fused.model_version.startswith("fusion:") and fused.threshold.far is not None
     # the detector and the towers are both resolved from the repository by version
     assert models.pipeline.detector_version == "yunet:1"   # the default IDV_DETECTOR
 
@@ -62,6 +64,9 @@ def test_refuses_an_edited_calibration_table(repo_copy):
 
 def test_refuses_a_missing_version(repo_copy):
     (repo_copy / "towers" / "CURRENT").write_text("no-such-version\n")
+    with pytest.raises(ArtifactError, match="no manifest"):
+        load_pipeline(Settings(models_dir=repo_copy, scoring="towers"))
+    (repo_copy / "fusion" / "CURRENT").write_text("no-such-version\n")
     with pytest.raises(ArtifactError, match="no manifest"):
         load_pipeline(Settings(models_dir=repo_copy))
 

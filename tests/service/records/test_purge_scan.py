@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
+from conftest import reencoded
 from pg_cluster import private_pg  # noqa: F401 - fixture
 from service.app import create_app
 from service.cli import main as cli
@@ -75,7 +76,7 @@ def serving(url: str, models, bundled_images, n: int = 6):
     kiosk = keys.create_key(engine, "kiosk", "k")[1]
     engine.dispose()
     photos = {"id_photo": ("chip.png", (bundled_images / "Tom_Hanks_54745.png").read_bytes(), "image/png"),
-              "live_photo": ("frame.jpg", (bundled_images / "t1.jpg").read_bytes(), "image/jpeg")}
+              "live_photo": ("frame.jpg", reencoded((bundled_images / "Tom_Hanks_54745.png").read_bytes()), "image/jpeg")}
     app = create_app(Settings(database_url=url, retain_images=True, image_key=KEY), models=models)
     ids = []
     with TestClient(app) as client:
