@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 TRITON = DEPLOY / "triton"
 TOWERS = ROOT / "models" / "repository" / "towers"
+REPO_MODELS = ROOT / "models" / "repository"
 KUSTOMIZATIONS = ["base", "migrate", "overlays/gpu", "overlays/triton"]
 K8S_MIN = "1.30.0"
 # settings manifests may set that service/settings.py does not have yet (none now: the Triton
@@ -388,6 +389,24 @@ def test_migrate_job(rendered):
     assert pod["securityContext"]["runAsNonRoot"] is True
     # its pods are not API pods: neither the Service nor the PDB may pick them up
     assert not _matches(API, job["spec"]["template"]["metadata"]["labels"])
+
+
+@pytest.mark.parametrize("name", ["base", "overlays/gpu", "overlays/triton"])
+def test_configured_scoring_can_load_its_models(rendered, name):
+    """A fused deployment must load the towers its fusion was fit on (else the service refuses
+    to start): an overlay that pins another towers version scores with the towers alone."""
+    from service.face.fusion import load_fusion
+    from service.settings import Settings
+
+    data = rendered[name][("ConfigMap", "idverify")]["data"]
+    scoring = data.get("IDV_SCORING", Settings().scoring)
+    version = data.get("IDV_TOWER_VERSION", "current")
+    if scoring == "fused":
+        fusion = load_fusion(REPO_MODELS, data.get("IDV_FUSION_VERSION", "current"))
+        assert version in ("current", fusion.manifest["members"]["towers"]["version"]), (name, version)
+    else:
+        assert scoring == "towers" and (REPO_MODELS / "towers" / version / "manifest.json").exists() \
+            or version == "current", (name, scoring, version)
 
 
 def test_gpu_overlay(rendered):
