@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     tower_backend: Literal["onnxruntime", "triton"] = "onnxruntime"  # onnxruntime | triton (IDV_TRITON_URL, models idverify_id/idverify_live)
     triton_url: str = "127.0.0.1:8001"  # gRPC host:port of a Triton server
     scoring: Literal["fused", "towers", "sface"] = "fused"  # the fusion of both families (at its members' versions), or one family alone
-    sface_version: str = "2"        # version folder of models/repository/sface/ (scoring sface)
+    sface_version: str = "3"        # version folder of models/repository/sface/ (scoring sface)
     fusion_version: str = "current" # version folder of models/repository/fusion/ (scoring fused; "current" = its CURRENT)
     providers: Literal["auto", "cpu", "cuda"] = "auto"  # auto | cpu | cuda
 

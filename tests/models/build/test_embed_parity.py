@@ -78,9 +78,8 @@ def dl() -> Dlib:
 
 
 @pytest.fixture(scope="module")
-def session():
-    path = BASELINE / "backbone.onnx"
-    assert path.exists(), f"{path} missing: run .venv/bin/python -m models.build.export_towers"
+def session(baseline_folder):
+    path = baseline_folder / "backbone.onnx"
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -144,13 +143,14 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_manifest_matches_files():
+def test_manifest_matches_files(baseline_folder):
+    """The shipped manifest names the graph the wheel regenerates, byte for byte."""
     assert (TOWERS / (TOWERS / "CURRENT").read_text().strip() / "manifest.json").exists()
     manifest = json.loads((BASELINE / "manifest.json").read_text())
     assert manifest["name"] == "towers" and manifest["version"] == "baseline"
     assert set(manifest["towers"]) == {"id", "live"}
     for side, entry in manifest["towers"].items():
-        path = BASELINE / entry["file"]
+        path = baseline_folder / entry["file"]
         assert path.exists(), f"{side}: {path} missing"
         assert sha256(path) == entry["sha256"], f"{side}: SHA-256 of {path} differs from the manifest"
     assert manifest["input"]["name"] == "image" and manifest["input"]["layout"] == "NHWC"

@@ -196,9 +196,7 @@ def test_to_onnx_round_trip(net, reference, chips, tmp_path):
     np.testing.assert_allclose(one[0], got[3], atol=REL_TOL * float(np.abs(got).max()), rtol=0)
 
 
-def test_a_graph_that_is_not_sface_is_refused():
-    dlib = ROOT / "models" / "repository" / "towers" / "baseline" / "backbone.onnx"
-    if not dlib.exists():
-        pytest.skip(f"{dlib} is absent")
+def test_a_graph_that_is_not_sface_is_refused(baseline_folder):
+    dlib = baseline_folder / "backbone.onnx"   # the dlib network
     with pytest.raises(st.SFaceGraphError):
         st.from_onnx(dlib)

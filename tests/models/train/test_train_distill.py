@@ -277,7 +277,7 @@ def test_pack_carries_the_bank_and_chips_and_trains(store, tmp_path):
 
 @needs_data
 @pytest.mark.parametrize("in_graph", [True, False], ids=["centring-in-graph", "centring-by-the-service"])
-def test_export_serves_the_centring_on_both_towers(store, tmp_path, in_graph):
+def test_export_serves_the_centring_on_both_towers(store, tmp_path, in_graph, baseline_folder):
     """Both export forms serve the training space: the centring in both graphs, or applied by
     the service (Tower `centre`) with the base version's own live file, byte for byte."""
     import shutil
@@ -293,7 +293,7 @@ def test_export_serves_the_centring_on_both_towers(store, tmp_path, in_graph):
     run = tmp_path / "run"
     _train(store, run, utk=False)
     repo = tmp_path / "repository"
-    shutil.copytree(REPOSITORY / "towers" / "baseline", repo / "towers" / "baseline",
+    shutil.copytree(baseline_folder, repo / "towers" / "baseline",
                     ignore=shutil.ignore_patterns("*.onnx") if in_graph else None)
     fam = get("dlib")
     man = export(run, "distill-test", fam, models_dir=repo, weights="checkpoint.pt",   # the trained weights
@@ -301,9 +301,11 @@ def test_export_serves_the_centring_on_both_towers(store, tmp_path, in_graph):
     assert not (repo / "towers" / "CURRENT").exists()
     towers = load_towers(repo, "towers", "distill-test", ["CPUExecutionProvider"], threads=1)   # the service's loader
     assert towers.manifest["centring"]["in_graph"] is in_graph and len(man["centring"]["mu"]) == 128
-    if not in_graph:
+    if not in_graph:   # the live tower is the base version's own file, named in place
         base = json.loads((repo / "towers" / "baseline" / "manifest.json").read_text())
-        assert man["towers"]["live"]["sha256"] == base["towers"]["live"]["sha256"]
+        assert man["towers"]["live"] == {"file": "backbone.onnx", "version": "baseline",
+                                         "sha256": base["towers"]["live"]["sha256"]}
+        assert not (repo / "towers" / "distill-test" / "backbone.onnx").exists()
     assert man["training"]["utk"] is False and not any("UTKFace" in t for t in man["data_terms"]["fine_tuned_on"])
     assert man["towers"]["id"]["sha256"] != man["towers"]["live"]["sha256"] and man["calibration"] is None
     mu = np.asarray(json.loads((run / "space.json").read_text())["mu"], np.float32)

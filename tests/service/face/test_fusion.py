@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.errors import ApiError
-from service.face.artifacts import ArtifactError
+from service.face.artifacts import ArtifactError, flip_average
 from service.face.fusion import load_fusion
 from service.face.loader import load_models, load_pipeline
 from service.settings import Settings
@@ -96,7 +96,7 @@ def test_a_face_no_family_takes_is_face_too_small(fused, lfw_pairs, monkeypatch)
 def test_the_setting_picks_a_family_or_the_fusion(fused, lfw_pairs):
     a, b = _pair(lfw_pairs)
     assert fused.model_version.startswith("fusion:") and "towers:" in fused.model_version
-    for scoring, version in (("towers", "towers:"), ("sface", "sface:2")):
+    for scoring, version in (("towers", "towers:"), ("sface", f"sface:{Settings().sface_version}")):
         models = load_models(Settings(scoring=scoring))
         p = models.pipeline
         assert models.model_version.startswith(version) and p.fusion is None and list(p.families) == [scoring]
@@ -119,8 +119,7 @@ def test_refuses_a_fusion_whose_members_are_not_the_loaded_ones(repo_copy):
     # a member's flip-averaging changed after the fit (one side)
     sface = fusion_member_version(folder, "sface")
     _edit(repo_copy / "sface" / sface / "manifest.json",
-          lambda m: m["test_time"].update(flip_average={**m["test_time"]["flip_average"],
-                                                        "live": not m["test_time"]["flip_average"]["live"]}))
+          lambda m: m["test_time"].update(flip_average={"id": flip_average(m, "id"), "live": not flip_average(m, "live")}))
     with pytest.raises(ArtifactError, match=f"was fit on sface:{sface}"):
         load_pipeline(Settings(models_dir=repo_copy, scoring="fused"))
     shutil.copy(REPO / "sface" / sface / "manifest.json", repo_copy / "sface" / sface / "manifest.json")
