@@ -1,4 +1,4 @@
-"""ASGI middleware every answer passes through (issue 12):
+"""ASGI middleware every answer passes through (limits in docs/security.md):
 
 - `SecurityHeaders`: `Cache-Control: no-store` and `X-Content-Type-Options: nosniff` on every
   answer that does not set its own (console static files keep their caching, get nosniff).

@@ -1,4 +1,4 @@
-"""`idverify serve`'s HTTP server: uvicorn with the limits of issue 12 (docs/security.md).
+"""`idverify serve`'s HTTP server: uvicorn with the limits of docs/security.md.
 
 - header timeout (`settings.header_timeout_seconds`): a connection must deliver a complete
   request line and headers within this of opening, or of its previous answer; else it is closed

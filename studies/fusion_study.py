@@ -1,4 +1,4 @@
-"""Issue 10 items 4 and 5 on the shipped fusion: adaptive s-norm, and demographic differentials.
+"""Two measurements on the shipped fusion: adaptive s-norm, and demographic differentials.
 
     .venv/bin/python -m studies.fusion_study [--fusion current] [--part snorm|demographics|all]
 

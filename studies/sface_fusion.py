@@ -1,4 +1,4 @@
-"""SFace alone, dlib dual-v2 alone, and the two fused, on LFW-IvS and LFW (issue 10, measurement).
+"""SFace alone, dlib dual-v2 alone, and the two fused, on LFW-IvS and LFW (a measurement).
 
     cd <repo> && .venv/bin/python -m studies.sface_fusion [--data-dir DIR] [--lfw-folds 1-10]
                                                           [--no-lfw] [--no-docs]

