@@ -170,6 +170,14 @@ def roc_points(genuine_scores, impostor_scores, n_points: int = 400) -> dict:
     return {"far": fars, "tar": tars, "threshold": thrs, "n_genuine": int(gen.size), "n_impostors": imp.n}
 
 
+def cosine_block(ea, oka, eb, okb, s: int, e: int) -> np.ndarray:
+    """Scores of rows s:e of ea against every row of eb (unit vectors), -inf where either side
+    failed to acquire."""
+    blk = score_from_cosine(ea[s:e] @ eb.T).astype(np.float32)
+    blk[~(oka[s:e, None] & okb[None, :])] = -np.inf
+    return blk
+
+
 def cross_scores(ea, oka, ida, fa, eb, okb, idb, fb, symmetric: bool, chunk: int = 1024, block=None):
     """Scores of all (a, b) pairs: impostors (identity differs) and extended genuine (same
     identity, different file), FTA -> -inf. ida/idb identity ids, fa/fb file ids (ints).
@@ -179,11 +187,8 @@ def cross_scores(ea, oka, ida, fa, eb, okb, idb, fb, symmetric: bool, chunk: int
     imp_parts, gen_parts = [], []
     ida, idb, fa, fb = (np.asarray(x) for x in (ida, idb, fa, fb))
     for s in range(0, len(ea), chunk):
-        if block is not None:
-            blk = np.asarray(block(s, min(s + chunk, len(ea))), np.float32)
-        else:
-            blk = score_from_cosine(ea[s:s + chunk] @ eb.T).astype(np.float32)
-            blk[~(oka[s:s + chunk, None] & okb[None, :])] = -np.inf
+        stop = min(s + chunk, len(ea))
+        blk = cosine_block(ea, oka, eb, okb, s, stop) if block is None else np.asarray(block(s, stop), np.float32)
         same = ida[s:s + chunk, None] == idb[None, :]
         if symmetric:
             keep = np.arange(s, s + blk.shape[0])[:, None] < np.arange(len(eb))[None, :]

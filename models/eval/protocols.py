@@ -14,11 +14,11 @@ import numpy as np
 
 from models.eval import PROTOCOLS, chipsim
 from models.eval.embedder import Embedder
-from models.eval.metrics import (TAR_FARS, ScoreSet, calibration_table, cross_scores, kfold_accuracy, roc_points,
+from models.eval.metrics import (TAR_FARS, ScoreSet, calibration_table, cosine_block, cross_scores, kfold_accuracy, roc_points,
                                  tar_at_far)
 from models.eval.pairs import image_relpath, read_pairs, select_pairs
 from models.eval.report import git_commit, pipeline_info, write_outputs
-from service.face.score import normalize, score_from_cosine, similarity
+from service.face.score import normalize, similarity
 
 
 
@@ -78,9 +78,7 @@ class Grid:
 
     def cosine_block(self, family: str, s: int, e: int) -> np.ndarray:
         (ea, oka), (eb, okb) = self.E[family]
-        blk = score_from_cosine(ea[s:e] @ eb.T)
-        blk[~(oka[s:e, None] & okb[None, :])] = -np.inf
-        return blk
+        return cosine_block(ea, oka, eb, okb, s, e)
 
     def snorm_stats(self, snorm) -> dict:
         """family -> ((mu, sd) of the first-column images, (mu, sd) of the second-column ones)."""

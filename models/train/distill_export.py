@@ -16,7 +16,6 @@ probe : unit_map.json + unit_map.png in the run (`probe.write_unit_map`): fold-8
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -287,7 +287,7 @@ def test_export_serves_the_centring_on_both_towers(store, tmp_path, in_graph, ba
     from models.train.distill import embed_chips
     from models.train.distill_data import served
     from models.train.distill_export import export, load_best
-    from models.train.distill_family import REPOSITORY, get
+    from models.train.distill_family import get
     from service.face.align import align
     from service.face.artifacts import load_towers
     run = tmp_path / "run"
